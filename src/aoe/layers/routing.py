@@ -176,6 +176,10 @@ def select_expert_choice(scores_TE: Tensor, capacity_factor: float, valid_T: Ten
     scores_TE = scores_TE.float()
     num_tokens, num_experts = scores_TE.shape
     num_valid = num_tokens if valid_T is None else int(valid_T.sum())
+    if num_valid == 0:
+        # expert_capacity takes at least one token, which here could only be padding.
+        no_tokens_TE = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=scores_TE.device)
+        return _assignments_from_mask(no_tokens_TE, scores_TE)
     capacity = expert_capacity(num_valid, num_experts, capacity_factor)
 
     # shape: (T, E)
