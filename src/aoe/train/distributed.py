@@ -1,0 +1,430 @@
+"""Multi-process training under torchrun: data parallelism (DDP), FSDP2 and expert parallelism.
+
+``init_distributed`` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the
+process group; ``parallelize`` wraps a ``Transformer`` for the chosen mode and returns a
+``Parallelism``, the one object the training loop talks to for everything that differs between
+modes: the module to call, gradient synchronisation, the global gradient norm, metric
+reduction and checkpoints. With one process every mode degrades to plain training.
+
+Modes (``ParallelConfig.mode``):
+- ``none``: one process.
+- ``ddp``: every rank holds the whole model; DistributedDataParallel averages gradients.
+- ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every parameter, gradient and
+  optimizer state along dim 0; each transformer block is one unit, gathered for its forward.
+- ``ep``: expert parallelism (``aoe.layers.expert_parallel``). The experts of every MoE/AoE
+  layer are split across the ranks and tokens travel to their experts by all-to-all; the other
+  weights, AoE's W_down and the router included, are replicated, and their gradients are
+  all-reduced after the backward pass (``finish_gradients``).
+
+Loss convention: every mode differentiates the MEAN over ranks of the per-rank losses, so with
+equal valid-target counts per rank the gradient equals that of one process on the global batch.
+The load-balancing loss takes f_i and P_i over the global batch (``SparseFFN.balance_group``),
+so the mean of the ranks' losses equals the single-process loss.
+
+Checkpoints of multi-process runs use torch.distributed.checkpoint (DCP): every tensor is stored
+with its global shape, so a run saved at one world size or mode resumes at another, including
+one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from aoe.config_utils import check, check_choice
+from aoe.layers.expert_parallel import ExpertParallelBank, shard_experts, sharded_expert_params
+
+log = logging.getLogger(__name__)
+
+PARALLEL_MODES = ("none", "ddp", "fsdp", "ep")
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass
+class ParallelConfig:
+    """How a run is split over the processes that torchrun starts."""
+
+    # none | ddp | fsdp | ep (expert parallelism; ffn.n_experts must be a multiple of the world size)
+    mode: str = "none"
+    # auto picks nccl when CUDA is available and gloo otherwise.
+    backend: str = "auto"
+    # FSDP2: free the gathered parameters of a block after its forward and gather them again
+    # for the backward (less memory, one more all-gather per block).
+    reshard_after_forward: bool = True
+    # Seconds a collective may wait for the other ranks before the run fails.
+    timeout_s: int = 1800
+
+    def __post_init__(self) -> None:
+        check_choice("parallel.mode", self.mode, PARALLEL_MODES)
+        check_choice("parallel.backend", self.backend, BACKENDS)
+        check(isinstance(self.timeout_s, int) and self.timeout_s >= 1, "parallel.timeout_s", self.timeout_s,
+              "expected a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in the job; world_size 1 and backend None for a single process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"invalid environment variable {name}={value!r}: expected an integer (torchrun sets it)") from None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"invalid parallel.backend='nccl' on device {device}: NCCL needs CUDA; use 'gloo' or 'auto'")
+    return backend
+
+
+def init_distributed(parallel: ParallelConfig, device: torch.device | str = "cpu") -> DistributedContext:
+    """Start the process group that torchrun describes in the environment, or describe a single process.
+
+    ``device`` is the training device type; with CUDA every process takes cuda:LOCAL_RANK. A
+    process group that the caller started already is used as it is.
+    """
+    device = torch.device(device)
+    if dist.is_available() and dist.is_initialized():
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        local_rank = _env_int("LOCAL_RANK", rank)
+    else:
+        world_size = _env_int("WORLD_SIZE", 1)
+        rank = _env_int("RANK", 0)
+        local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size > 1 and parallel.mode == "none":
+        raise ValueError(f"invalid parallel.mode='none' with WORLD_SIZE={world_size}: every process would train "
+                         f"alone; set parallel.mode to 'ddp', 'fsdp' or 'ep'")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size == 1:
+        return DistributedContext(0, 1, 0, None, device)
+
+    backend = resolve_backend(parallel.backend, device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=parallel.timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    else:
+        backend = dist.get_backend()
+    return DistributedContext(rank, world_size, local_rank, backend, device)
+
+
+def close_distributed(context: DistributedContext) -> None:
+    if context.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----- wrapping ----------------------------------------------------------------------------
+
+
+def _broadcast_from_rank0(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank, so that all ranks start alike."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def _set_balance_group(model: nn.Module, group) -> None:
+    from aoe.layers.moe import SparseFFN
+
+    for module in model.modules():
+        if isinstance(module, SparseFFN):
+            module.balance_group = group
+
+
+def parallelize(model: nn.Module, parallel: ParallelConfig, context: DistributedContext) -> "Parallelism":
+    """Wrap ``model`` (already on ``context.device``) for ``parallel.mode``; build the optimizer afterwards.
+
+    The optimizer must be built from ``Parallelism.model.parameters()`` after this call,
+    because FSDP2 and expert parallelism replace parameters.
+    """
+    if not context.distributed:
+        return Parallelism(model, model, "none", context)
+    mode = parallel.mode
+    _broadcast_from_rank0(model)
+    _set_balance_group(model, dist.group.WORLD)
+
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        return Parallelism(model, DistributedDataParallel(model, device_ids=device_ids), mode, context)
+
+    if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(context.device.type, (context.world_size,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, reshard_after_forward=parallel.reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=parallel.reshard_after_forward)
+        return Parallelism(model, model, mode, context)
+
+    if mode == "ep":
+        shard_experts(model)
+        return Parallelism(model, model, mode, context)
+    raise ValueError(f"invalid parallel.mode={mode!r}: expected one of {PARALLEL_MODES}")
+
+
+class Parallelism:
+    """What the training loop calls instead of touching process groups itself.
+
+    ``module`` is what to call for the forward pass; ``model`` is the underlying Transformer
+    (parameters, state dicts, config). Every method is a collective in a multi-process run:
+    all ranks must call it, in the same order.
+    """
+
+    def __init__(self, model: nn.Module, module: nn.Module, mode: str, context: DistributedContext):
+        self.model, self.module, self.mode, self.context = model, module, mode, context
+        # qualified name -> (parameter, expert axis, bank) of expert parallelism's sharded weights
+        self.expert_params = sharded_expert_params(model) if mode == "ep" else {}
+
+    @property
+    def distributed(self) -> bool:
+        return self.context.distributed
+
+    @property
+    def world_size(self) -> int:
+        return self.context.world_size
+
+    # ----- gradients -----
+
+    @contextlib.contextmanager
+    def accumulating(self, last: bool) -> Iterator[None]:
+        """Skip gradient communication for micro-batches that are not the last of a step."""
+        if self.mode == "ddp" and not last:
+            with self.module.no_sync():
+                yield
+        elif self.mode == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            yield
+
+    def finish_gradients(self) -> None:
+        """Make every gradient the rank-mean gradient; call after the last backward of a step.
+
+        DDP and FSDP2 already did this during the backward. Expert parallelism sums the
+        replicated weights' gradients over the ranks and divides every gradient by the world
+        size: an expert shard's gradient already holds every rank's tokens, through the
+        all-to-all's backward.
+        """
+        if self.mode != "ep":
+            return
+        sharded = {id(param) for param, _, _ in self.expert_params.values()}
+        replicated = [p for p in self.model.parameters() if id(p) not in sharded and p.grad is not None]
+        if replicated:
+            # shape: (sum of sizes,) one collective for all replicated gradients
+            flat = torch.cat([p.grad.reshape(-1) for p in replicated])
+            dist.all_reduce(flat)
+            for param, chunk in zip(replicated, torch.split(flat, [p.numel() for p in replicated])):
+                param.grad.copy_(chunk.view_as(param.grad))
+        scale = 1.0 / self.world_size
+        any_grad = bool(replicated)
+        for param, _, _ in self.expert_params.values():
+            if param.grad is None and any_grad:
+                # A rank whose experts received no rows gets no gradient from autograd; the
+                # single-process model would give those slices zeros, and AdamW treats a missing
+                # gradient differently from a zero one (it skips the moments and the decay).
+                param.grad = torch.zeros_like(param)
+            if param.grad is not None:
+                param.grad.mul_(scale)
+        for param in replicated:
+            param.grad.mul_(scale)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip the global gradient norm of the whole model to ``max_norm``; return the norm before clipping.
+
+        The same formula as ``torch.nn.utils.clip_grad_norm_``: coefficient
+        max_norm / (norm + 1e-6), capped at 1.
+        """
+        if self.mode in ("none", "ddp"):
+            return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        from torch.distributed.tensor import DTensor
+
+        sharded_ids = {id(param) for param, _, _ in self.expert_params.values()}
+        device = self.context.device
+        # shape: (2,) squared norms of the sharded parts (summed over ranks) and the replicated ones
+        squares = torch.zeros(2, dtype=torch.float64, device=device)
+        grads = []
+        for param in self.model.parameters():
+            if param.grad is None:
+                continue
+            grad = param.grad
+            grads.append(grad)
+            if isinstance(grad, DTensor):
+                # FSDP2 gradients are Shard(0): each rank holds a disjoint block.
+                squares[0] += grad.to_local().double().pow(2).sum()
+            elif id(param) in sharded_ids:
+                squares[0] += grad.double().pow(2).sum()
+            else:
+                squares[1] += grad.double().pow(2).sum()
+        sharded_sum = squares[:1].clone()
+        dist.all_reduce(sharded_sum)
+        total_norm = float((sharded_sum[0] + squares[1]).sqrt())
+        coefficient = min(max_norm / (total_norm + 1e-6), 1.0)
+        if coefficient < 1.0:
+            for grad in grads:
+                grad.mul_(coefficient)
+        return total_norm
+
+    # ----- metrics -----
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over the ranks, in place; a no-op for one process."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def mean(self, value: float) -> float:
+        """Mean of a Python number over the ranks."""
+        if not self.distributed:
+            return float(value)
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.context.device)
+        dist.all_reduce(tensor)
+        return float(tensor) / self.world_size
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order (picklable objects only)."""
+        if not self.distributed:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    # ----- state -----
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict, as a single-process ``Transformer.state_dict()``, on the CPU.
+
+        Every rank returns it; for FSDP2 and expert parallelism it is gathered from the shards.
+        """
+        if self.mode == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+            state = get_model_state_dict(self.model, options=options)
+            if not state:
+                # cpu_offload leaves non-zero ranks empty, so gather without it there.
+                state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+            return {name: tensor.detach().cpu() for name, tensor in state.items()}
+        state = {name: tensor.detach() for name, tensor in self.model.state_dict().items()}
+        for name, (param, dim, bank) in self.expert_params.items():
+            blocks = [torch.empty_like(param) for _ in range(self.world_size)]
+            dist.all_gather(blocks, param.detach().contiguous())
+            state[name] = torch.cat(blocks, dim=dim)
+        return {name: tensor.cpu() for name, tensor in state.items()}
+
+    def dcp_state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Model (and optimizer) state keyed by parameter name, each tensor with its global shape."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state: dict[str, Any] = {"model": get_model_state_dict(self.module)}
+        if optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(self.module, optimizer)
+        if self.expert_params:
+            _wrap_expert_shards(state, self.expert_params, self.context)
+        return state
+
+    def load_dcp_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> None:
+        """Copy a state filled by ``torch.distributed.checkpoint.load`` into the model and optimizer."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        if self.expert_params:
+            state = _unwrap_expert_shards(state)
+        set_model_state_dict(self.module, state["model"])
+        if optimizer is not None and "optimizer" in state:
+            set_optimizer_state_dict(self.module, optimizer, state["optimizer"])
+
+
+def _expert_dtensor(local: torch.Tensor, dim: int, context: DistributedContext):
+    """View this rank's block of experts as the DTensor of the whole expert axis, for DCP."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh(context.device.type, (context.world_size,))
+    shape = list(local.shape)
+    shape[dim] *= context.world_size
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def _wrap_expert_shards(state: dict[str, Any], expert_params: dict, context: DistributedContext) -> None:
+    for name, (param, dim, _) in expert_params.items():
+        state["model"][name] = _expert_dtensor(state["model"][name], dim, context)
+        entry = state.get("optimizer", {}).get("state", {}).get(name, {})
+        for key, value in entry.items():
+            # Moments have the parameter's shape; scalars such as AdamW's step are replicated.
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                entry[key] = _expert_dtensor(value, dim, context)
+
+
+def _unwrap_expert_shards(state: dict[str, Any]) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    def unwrap(value):
+        if isinstance(value, DTensor):
+            return value.to_local()
+        if isinstance(value, dict):
+            return {key: unwrap(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [unwrap(item) for item in value]
+        return value
+
+    return unwrap(state)
+
+
+# ----- DCP checkpoints ---------------------------------------------------------------------
+
+
+def save_dcp(directory: str | Path, parallel: Parallelism, optimizer: torch.optim.Optimizer | None) -> None:
+    """Write the model and optimizer with torch.distributed.checkpoint into ``directory`` (all ranks call this)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(parallel.dcp_state(optimizer), checkpoint_id=str(directory))
+
+
+def load_dcp(directory: str | Path, parallel: Parallelism, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a DCP checkpoint written at any world size and mode into this run's model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+
+    state = parallel.dcp_state(optimizer)
+    dcp.load(state, checkpoint_id=str(directory))
+    parallel.load_dcp_state(state, optimizer)
