@@ -1,0 +1,93 @@
+"""Token shard files: a 64-byte header followed by the raw token ids.
+
+Header layout (little-endian): magic ``b"AOETOKS\\0"`` (8 bytes), format version (uint32), bytes
+per token (uint32, 2 or 4), token count (uint64), zero padding to 64 bytes. meta.json also
+records each shard's token count and SHA-256, so a truncated, replaced or foreign file is
+detected when a dataset is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+SHARD_MAGIC = b"AOETOKS\0"
+SHARD_VERSION = 1
+HEADER_BYTES = 64
+_HEADER = struct.Struct("<8sIIQ")
+_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Return uint16 when every id fits (vocab_size <= 65535), else uint32."""
+    if vocab_size <= 65535:
+        return _DTYPES[2]
+    if vocab_size <= 2**32:
+        return _DTYPES[4]
+    raise ValueError(f"vocab_size {vocab_size} does not fit the largest shard dtype (uint32, at most 2**32 ids)")
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> str:
+    """Write ``tokens`` atomically (temp file, fsync, rename) and return the file's SHA-256."""
+    dtype = tokens.dtype.newbyteorder("<")
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"shard tokens must be uint16 or uint32, got {tokens.dtype}")
+    header = _HEADER.pack(SHARD_MAGIC, SHARD_VERSION, dtype.itemsize, tokens.size).ljust(HEADER_BYTES, b"\0")
+    body = np.ascontiguousarray(tokens, dtype=dtype).tobytes()
+    digest = hashlib.sha256(header)
+    digest.update(body)
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def open_shard(path: Path, expected_tokens: int | None = None, expected_sha256: str | None = None) -> np.memmap:
+    """Memory-map a shard's tokens after checking its header, size and (if given) checksum.
+
+    Raises ValueError naming the file when it is not an aoe shard, is truncated, or does not
+    match the counts and checksum that meta.json recorded.
+    """
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"shard {path} is {size} bytes, shorter than the {HEADER_BYTES}-byte header: truncated or not an aoe shard")
+    with open(path, "rb") as f:
+        magic, version, itemsize, num_tokens = _HEADER.unpack(f.read(_HEADER.size))
+    if magic != SHARD_MAGIC:
+        raise ValueError(f"shard {path} does not start with the aoe magic {SHARD_MAGIC!r} (found {magic!r}): not an aoe token shard")
+    if version != SHARD_VERSION:
+        raise ValueError(f"shard {path} has format version {version}; this aoe reads version {SHARD_VERSION}")
+    if itemsize not in _DTYPES:
+        raise ValueError(f"shard {path} declares {itemsize} bytes per token; expected 2 or 4")
+    expected_size = HEADER_BYTES + num_tokens * itemsize
+    if size != expected_size:
+        raise ValueError(
+            f"shard {path} is {size} bytes but its header declares {num_tokens} tokens ({expected_size} bytes): "
+            "the file is truncated or corrupt; prepare the data again"
+        )
+    if expected_tokens is not None and num_tokens != expected_tokens:
+        raise ValueError(f"shard {path} holds {num_tokens} tokens but meta.json records {expected_tokens}")
+    if expected_sha256 is not None:
+        actual = file_sha256(path)
+        if actual != expected_sha256:
+            raise ValueError(f"shard {path} has SHA-256 {actual}, meta.json records {expected_sha256}: the file changed or is corrupt")
+    if num_tokens == 0:
+        return np.zeros(0, dtype=_DTYPES[itemsize])
+    return np.memmap(path, dtype=_DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
