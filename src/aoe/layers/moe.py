@@ -57,6 +57,9 @@ class SparseFFN(nn.Module):
         self.num_experts = config.n_experts
         self.experts = ExpertBank(config.n_experts, d_model, config.expert_width(d_model),
                                   d_low=config.d_low, init_std=init_std, out_init_std=out_init_std)
+        # Process group over which the load-balancing loss takes f_i and P_i while training;
+        # None keeps it local. Set by aoe.train.distributed for data and expert parallelism.
+        self.balance_group = None
 
     def select(self, scores_TE: Tensor, valid_T: Tensor | None) -> Selection:
         cfg = self.config
@@ -69,7 +72,8 @@ class SparseFFN(nn.Module):
     def auxiliary_losses(self, scores_TE: Tensor, selection: Selection, valid_T: Tensor | None) -> tuple[Tensor, Tensor]:
         cfg = self.config
         aux = scores_TE.new_zeros((), dtype=torch.float32)
-        balance = load_balancing_loss(scores_TE, selection.mask_TE, valid_T)
+        group = self.balance_group if self.training else None
+        balance = load_balancing_loss(scores_TE, selection.mask_TE, valid_T, group)
         # Expert choice balances load by construction and takes no auxiliary loss.
         if cfg.selection != "expert_choice" and cfg.aux_loss_coef > 0:
             aux = aux + cfg.aux_loss_coef * balance

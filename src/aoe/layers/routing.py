@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
@@ -198,13 +199,16 @@ def select_expert_choice(scores_TE: Tensor, capacity_factor: float, valid_T: Ten
 # ----- auxiliary losses --------------------------------------------------------------------
 
 
-def load_balancing_loss(scores_TE: Tensor, mask_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
+def load_balancing_loss(scores_TE: Tensor, mask_TE: Tensor, valid_T: Tensor | None = None, group=None) -> Tensor:
     """L_aux / alpha = E * sum_i f_i * P_i over the valid tokens, without the coefficient alpha.
 
     f_i is the fraction of tokens assigned to expert i (divided by T, not T*K), and P_i the mean
     over tokens of softmax(all scores)_i. Under perfectly uniform top-K routing f_i = K/E and
     P_i = 1/E, so the value is K; when every token picks the same K experts with confident
     scores it approaches E.
+
+    With a process ``group``, f_i and P_i are taken over the tokens of all its ranks (see
+    ``_load_balancing_loss_over_group``); every rank of the group must call this.
     """
     num_experts = scores_TE.shape[-1]
     # Softmax in fp32: the loss differentiates through these probabilities.
@@ -217,10 +221,31 @@ def load_balancing_loss(scores_TE: Tensor, mask_TE: Tensor, valid_T: Tensor | No
         mask_TE = mask_TE * valid
     else:
         num_valid = torch.tensor(float(scores_TE.shape[0]), device=scores_TE.device).clamp_min(1.0)
+    if group is not None:
+        local_valid = valid_T.float().sum() if valid_T is not None else num_valid.new_tensor(float(scores_TE.shape[0]))
+        return _load_balancing_loss_over_group(mask_TE.sum(dim=0), probs_TE.sum(dim=0), local_valid, group)
 
     # shape: (E,)
     fraction_E = mask_TE.sum(dim=0) / num_valid
     mean_prob_E = probs_TE.sum(dim=0) / num_valid
+    return num_experts * (fraction_E * mean_prob_E).sum()
+
+
+def _load_balancing_loss_over_group(count_E: Tensor, prob_sum_E: Tensor, num_valid: Tensor, group) -> Tensor:
+    """E * sum_i f_i * P_i over the union of the group's batches, given this rank's sums.
+
+    The counts carry no gradient, so summing them over the ranks is exact. P_i's local sum is
+    multiplied by the world size W: each rank's value then differs, but their mean equals the
+    whole-batch loss, and so does the gradient once data-parallel training averages it over
+    the ranks.
+    """
+    num_experts = count_E.numel()
+    # shape: (E + 1,) assignment counts, then the valid-token count
+    totals = torch.cat([count_E, num_valid.reshape(1)]).detach()
+    dist.all_reduce(totals, group=group)
+    global_valid = totals[-1].clamp_min(1.0)
+    fraction_E = totals[:-1] / global_valid
+    mean_prob_E = prob_sum_E * dist.get_world_size(group) / global_valid
     return num_experts * (fraction_E * mean_prob_E).sum()
 
 
