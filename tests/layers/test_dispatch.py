@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from aoe.layers import experts as experts_module
 from aoe.layers.experts import DenseSwiGLU
 from aoe.layers.moe import AoE, MoE, build_ffn
 from aoe.model.config import FFNConfig
@@ -24,15 +25,21 @@ AUX_COEF = 0.5
 # (kind, d_low): a router MoE, AoE, and the router MoE whose W_g is factorised like AoE's.
 VARIANTS = [("moe", None), ("aoe", 6), ("moe", 6)]
 VARIANT_IDS = ["moe", "aoe", "moe_factorised"]
+# Every expert-compute path that ExpertBank offers must match the reference.
+IMPLEMENTATIONS = getattr(experts_module, "EXPERT_IMPLEMENTATIONS", ("loop",))
 
 
-def make_layer(kind: str, d_low: int | None, top_k: int, seed: int = 0, n_experts: int = N_EXPERTS):
+def make_layer(kind: str, d_low: int | None, top_k: int, seed: int = 0, n_experts: int = N_EXPERTS,
+               implementation: str | None = None):
     torch.manual_seed(seed)
     config = FFNConfig(kind=kind, d_ffn=D_FFN, n_experts=n_experts, top_k=top_k, d_low=d_low,
                        aux_loss_coef=AUX_COEF)
     # A larger init than the model default keeps outputs and gradients far from zero, so
     # relative tolerances mean something.
-    return build_ffn(config, D_MODEL, init_std=0.3)
+    layer = build_ffn(config, D_MODEL, init_std=0.3)
+    if implementation is not None and hasattr(layer.experts, "implementation"):
+        layer.experts.implementation = implementation
+    return layer
 
 
 def reference_forward(layer, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,10 +94,11 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.detach().float() - expected.detach()).norm() / expected.detach().norm().clamp_min(1e-12))
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("kind,d_low", VARIANTS, ids=VARIANT_IDS)
-def test_dispatch_matches_loop_fp32(kind, d_low, top_k):
-    layer = make_layer(kind, d_low, top_k)
+def test_dispatch_matches_loop_fp32(kind, d_low, top_k, implementation):
+    layer = make_layer(kind, d_low, top_k, implementation=implementation)
     torch.manual_seed(1)
     x = torch.randn(4, N_TOKENS // 4, D_MODEL, requires_grad=True)
     probe = torch.randn(4, N_TOKENS // 4, D_MODEL)
@@ -115,9 +123,10 @@ def test_dispatch_matches_loop_fp32(kind, d_low, top_k):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("kind,d_low", VARIANTS, ids=VARIANT_IDS)
-def test_dispatch_matches_loop_bf16_autocast(kind, d_low):
-    layer = make_layer(kind, d_low, top_k=2)
+def test_dispatch_matches_loop_bf16_autocast(kind, d_low, implementation):
+    layer = make_layer(kind, d_low, top_k=2, implementation=implementation)
     torch.manual_seed(2)
     x = torch.randn(N_TOKENS, D_MODEL, requires_grad=True)
     probe = torch.randn(N_TOKENS, D_MODEL)
@@ -185,9 +194,10 @@ def route_to_first_two_experts(layer) -> torch.Tensor:
     return x.requires_grad_(True)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("kind,d_low", VARIANTS[:2], ids=VARIANT_IDS[:2])
-def test_experts_without_tokens(kind, d_low):
-    layer = make_layer(kind, d_low, top_k=2)
+def test_experts_without_tokens(kind, d_low, implementation):
+    layer = make_layer(kind, d_low, top_k=2, implementation=implementation)
     x = route_to_first_two_experts(layer)
     probe = torch.randn(N_TOKENS, D_MODEL)
 
