@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from aoe.data.loader import PackedLoader, TokenDataset, eval_batches
-from aoe.data.prepare import META_FORMAT, META_VERSION, write_json_atomic
-from aoe.data.shards import write_shard
+from aoe.data.shards import META_FORMAT, META_VERSION, write_json_atomic, write_shard
 
 NUM_TOKENS = 5000
 SEQ_LEN = 15  # windows of 16 tokens: 312 windows, 8 tokens left over

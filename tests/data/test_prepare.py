@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 
 from aoe.data.loader import TokenDataset
-from aoe.data.prepare import default_corpus_dir, normalize_text, prepare_corpus, split_documents, verify_prepared
+from aoe.data.prepare import (
+    _shard_dtype,
+    default_corpus_dir,
+    normalize_text,
+    prepare_corpus,
+    prepare_default_corpus,
+    split_documents,
+    verify_prepared,
+)
 from aoe.data.shards import HEADER_BYTES, token_dtype, write_shard
-from aoe.data.prepare import _shard_dtype
 from aoe.data.tokenizer import load_tokenizer
 
 BOM_CRLF_BYTES = "\ufeffFirst line of a novel.\r\nSecond line, café.\r\n\r\nThe end.\r\n".encode("utf-8")
@@ -169,3 +176,22 @@ def test_max_documents_cap(tmp_path):
 
 def test_default_corpus_dir_is_stdlib():
     assert (default_corpus_dir() / "os.py").is_file()
+
+
+def test_prepare_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    texts = ["first record", "second record", "third record", "  ", "fourth record"]
+    datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "saved"))
+    meta = prepare_corpus(tmp_path / "out", dataset=str(tmp_path / "saved"), text_field="body", bpe_vocab_size=300, val_fraction=0.25)
+    assert meta["num_documents"] == {"train": 3, "val": 1}
+    assert meta["empty_documents"] == 1
+    with pytest.raises(ValueError, match="no column 'text'"):
+        prepare_corpus(tmp_path / "out2", dataset=str(tmp_path / "saved"), bpe_vocab_size=300)
+
+
+def test_default_corpus_capped(tmp_path):
+    meta = prepare_default_corpus(tmp_path / "out", bpe_vocab_size=300, max_bytes=200_000)
+    assert 0 < sum(meta["num_bytes"].values()) <= 200_000
+    assert meta["num_documents"]["val"] >= 1
+    assert all(source.endswith(".py") for source in meta["val_documents"])
+    assert not any(part in ("test", "site-packages") for s in meta["val_documents"] for part in s.split("/"))

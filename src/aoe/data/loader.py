@@ -1,8 +1,8 @@
 """Memory-mapped token datasets and a resumable loader of packed training windows.
 
-A window is ``seq_len + 1`` consecutive tokens of the split's concatenated token stream;
-window ``i`` covers tokens ``[i * (seq_len + 1), (i + 1) * (seq_len + 1))``, so windows never
-overlap and the last ``num_tokens % (seq_len + 1)`` tokens are unused. A window ``w`` gives
+A window is ``seq_len + 1`` consecutive tokens of the split's concatenated token stream.
+Window ``i`` covers tokens ``[i * (seq_len + 1), (i + 1) * (seq_len + 1))``, so windows never
+overlap, and the last ``num_tokens % (seq_len + 1)`` tokens are unused. A window ``w`` gives
 ``input_ids = w[:-1]`` and ``labels = w[1:]``: labels are already shifted, position t holds the
 token that follows input position t.
 """
@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aoe.data.prepare import read_meta
-from aoe.data.shards import open_shard
+from aoe.data.shards import open_shard, read_meta
 
 LOADER_STATE_VERSION = 1
 
@@ -48,7 +47,7 @@ class TokenDataset:
         ]
         for shard, info in zip(self._shards, self.meta["shards"][split]):
             if shard.dtype.name != self.meta["dtype"]:
-                raise ValueError(f"shard {info['file']} stores {shard.dtype.name} tokens but meta.json says {self.meta['dtype']}")
+                raise ValueError(f"shard {info['file']} stores {shard.dtype.name} tokens but meta.json records {self.meta['dtype']}")
         # Start offset of each shard in the concatenated stream, plus the total at the end.
         self._offsets = np.concatenate([[0], np.cumsum([len(s) for s in self._shards])]).astype(np.int64)
 
@@ -101,8 +100,8 @@ class PackedLoader:
     Each epoch orders all windows by a permutation drawn from ``numpy.random.default_rng([seed,
     epoch])`` (the identity when ``shuffle=False``). Rank r takes positions r, r + world_size, ...
     of that order, so ranks never share a window, and every rank gets the same
-    ``batches_per_epoch``; the leftover windows of an epoch are skipped, and since every epoch
-    draws a new order, they differ from epoch to epoch.
+    ``batches_per_epoch``. The leftover windows at the end of an epoch's order are skipped, and
+    because every epoch draws a new order, different windows are skipped in each epoch.
     """
 
     def __init__(
@@ -194,7 +193,7 @@ class PackedLoader:
 def eval_batches(dataset: TokenDataset, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator[Batch]:
     """Yield batches of consecutive windows from the start of the split, the same ones on every call.
 
-    The last batch holds the remaining windows and can be smaller than ``batch_size``.
+    The last batch contains the remaining windows and can be smaller than ``batch_size``.
     """
     num_windows = _check_shape(dataset, batch_size, seq_len)
     if max_batches is not None and max_batches < 1:

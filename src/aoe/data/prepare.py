@@ -26,11 +26,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from aoe.data.shards import open_shard, token_dtype, write_shard
+from aoe.data.shards import META_FORMAT, META_VERSION, open_shard, read_meta, token_dtype, write_json_atomic, write_shard
 from aoe.data.tokenizer import TextTokenizer, load_tokenizer, train_bpe_tokenizer
 
-META_FORMAT = "aoe-token-shards"
-META_VERSION = 1
 DEFAULT_EXTENSIONS = (".txt", ".jsonl", ".jsonl.gz")
 # Folders skipped in the standard-library corpus: installed packages and test data (which
 # includes deliberately malformed and non-UTF-8 source files).
@@ -55,6 +53,21 @@ class CorpusStats:
 def default_corpus_dir() -> Path:
     """Return the running interpreter's standard-library source folder (no download needed)."""
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def prepare_default_corpus(out_dir: str | os.PathLike, bpe_vocab_size: int = 8192, **options) -> dict:
+    """Prepare this interpreter's standard-library .py files (one document each) with a trained BPE.
+
+    ``options`` go to prepare_corpus (for example max_bytes, val_fraction, seed, overwrite).
+    """
+    return prepare_corpus(
+        out_dir,
+        input_path=default_corpus_dir(),
+        extensions=(".py",),
+        exclude_dirs=STDLIB_EXCLUDED_DIRS,
+        bpe_vocab_size=bpe_vocab_size,
+        **options,
+    )
 
 
 def normalize_text(text: str) -> str:
@@ -249,21 +262,37 @@ def _document_array(ids: list[int], bos_id: int | None, eos_id: int | None, dtyp
     return np.asarray(head + ids + tail, dtype=dtype)
 
 
+def _batches_by_size(documents: list[Document], batch_chars: int, max_batch_documents: int = 1024) -> Iterator[list[Document]]:
+    """Group documents into batches of about ``batch_chars`` characters (at least one document each)."""
+    batch, chars = [], 0
+    for doc in documents:
+        batch.append(doc)
+        chars += len(doc.text)
+        if chars >= batch_chars or len(batch) >= max_batch_documents:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
 def tokenize_to_shards(
     documents: list[Document],
     tokenizer: TextTokenizer,
     out_dir: Path,
     split: str,
     dtype: np.dtype,
-    batch_documents: int = 64,
+    batch_chars: int = 1 << 23,
     shard_tokens: int = 1 << 28,
 ) -> tuple[list[dict], int]:
-    """Encode documents in batches (parallel in Rust) and write them as shards; return (shards, token count)."""
+    """Encode documents in batches and write them as shards; return (shard records, token count).
+
+    Each batch is encoded by the Rust tokenizer in parallel, one document per thread, so a batch
+    of several documents keeps all cores busy while the progress bar still moves.
+    """
     writer = _ShardWriter(out_dir, split, dtype, shard_tokens)
     limit = np.iinfo(dtype).max
     with tqdm(total=sum(len(d.text) for d in documents), desc=f"tokenize {split}", unit="char", unit_scale=True) as bar:
-        for start in range(0, len(documents), batch_documents):
-            batch = documents[start : start + batch_documents]
+        for batch in _batches_by_size(documents, batch_chars):
             for ids in tokenizer.encode_batch([d.text for d in batch]):
                 if ids and max(ids) > limit:
                     raise ValueError(f"token id {max(ids)} does not fit the shard dtype {dtype.name}")
@@ -398,32 +427,6 @@ def _shard_dtype(vocab_size: int, requested: str) -> np.dtype:
     if vocab_size - 1 > np.iinfo(chosen).max:
         raise ValueError(f"vocabulary of {vocab_size} tokens is too large for shard dtype {requested} (max id {np.iinfo(chosen).max}); use uint32 or auto")
     return chosen
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_meta(data_dir: str | os.PathLike) -> dict:
-    """Load and check a prepared folder's meta.json."""
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run `aoe prepare` to create a prepared data folder")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc.msg}); prepare the data again") from exc
-    if meta.get("format") != META_FORMAT:
-        raise ValueError(f"{path} is not aoe token-shard metadata (format {meta.get('format')!r}, expected {META_FORMAT!r})")
-    if meta.get("version") != META_VERSION:
-        raise ValueError(f"{path} has metadata version {meta.get('version')}; this aoe reads version {META_VERSION}")
-    return meta
 
 
 def verify_prepared(data_dir: str | os.PathLike) -> dict:

@@ -9,12 +9,15 @@ detected when a dataset is opened.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
+META_FORMAT = "aoe-token-shards"
+META_VERSION = 1
 SHARD_MAGIC = b"AOETOKS\0"
 SHARD_VERSION = 1
 HEADER_BYTES = 64
@@ -91,3 +94,29 @@ def open_shard(path: Path, expected_tokens: int | None = None, expected_sha256: 
     if num_tokens == 0:
         return np.zeros(0, dtype=_DTYPES[itemsize])
     return np.memmap(path, dtype=_DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    """Load and check a prepared folder's meta.json."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run `aoe prepare` to create a prepared data folder")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc.msg}); prepare the data again") from exc
+    if meta.get("format") != META_FORMAT:
+        raise ValueError(f"{path} is not aoe token-shard metadata (format {meta.get('format')!r}, expected {META_FORMAT!r})")
+    if meta.get("version") != META_VERSION:
+        raise ValueError(f"{path} has metadata version {meta.get('version')}; this aoe reads version {META_VERSION}")
+    return meta
