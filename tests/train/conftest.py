@@ -56,10 +56,10 @@ def fake_data(config: RunConfig, eval_batches: int = 2) -> DataSources:
     return DataSources(loader, [next(val_loader) for _ in range(eval_batches)])
 
 
-def tiny_run_config(tmp_path, kind: str = "moe", **sections) -> RunConfig:
+def tiny_run_config(tmp_path, kind: str = "moe", vocab_size: int = VOCAB, **sections) -> RunConfig:
     """A seconds-long run: d_model 32, 2 layers, seq_len 32, vocabulary 64."""
-    model = tiny(kind, vocab_size=VOCAB, d_low=8 if kind == "aoe" else None)
-    model = type(model)(vocab_size=VOCAB, d_model=32, n_layers=2, max_seq_len=64,
+    model = tiny(kind, vocab_size=vocab_size, d_low=8 if kind == "aoe" else None)
+    model = type(model)(vocab_size=vocab_size, d_model=32, n_layers=2, max_seq_len=64,
                         attention=type(model.attention)(n_heads=2),
                         ffn=type(model.ffn)(**{**model.ffn.__dict__, "d_ffn": 32, "n_experts": 4}),
                         tie_embeddings=True)
@@ -79,3 +79,30 @@ def tiny_run_config(tmp_path, kind: str = "moe", **sections) -> RunConfig:
 @pytest.fixture
 def run_config(tmp_path):
     return tiny_run_config(tmp_path)
+
+
+def write_corpus(folder, documents: int = 60, words_per_document: int = 300, seed: int = 0):
+    """Write a small corpus of random sentences over a 17-word vocabulary, one document per file."""
+    import random
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    words = "the cat sat on a mat and dog ran to big red house with small blue door".split()
+    for index in range(documents):
+        text = " ".join(rng.choice(words) for _ in range(words_per_document))
+        (folder / f"doc{index:03d}.txt").write_text(text + "\n")
+    return folder
+
+
+def prepare_tiny_data(root, bpe_vocab_size: int = 300):
+    """Prepare a tiny corpus with aoe.data (byte-level BPE of 300 tokens); return the data folder."""
+    prepare = pytest.importorskip("aoe.data.prepare", reason="aoe.data.prepare is not available")
+    corpus = write_corpus(root / "corpus")
+    out = root / "prepared"
+    prepare.prepare_corpus(out, input_path=str(corpus), bpe_vocab_size=bpe_vocab_size, val_fraction=0.1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory):
+    return prepare_tiny_data(tmp_path_factory.mktemp("data"))
