@@ -195,3 +195,21 @@ def test_default_corpus_capped(tmp_path):
     assert meta["num_documents"]["val"] >= 1
     assert all(source.endswith(".py") for source in meta["val_documents"])
     assert not any(part in ("test", "site-packages") for s in meta["val_documents"] for part in s.split("/"))
+
+
+def test_cli_prepare_and_errors(tmp_path, capsys):
+    from aoe.cli import main
+
+    corpus = tmp_path / "corpus"
+    _write_corpus(corpus)
+    out = tmp_path / "out"
+    assert main(["prepare", "--input", str(corpus), "--bpe-vocab-size", "300", "--out", str(out), "--val-fraction", "0.3"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert TokenDataset(out, "val").meta["num_documents"] == {"train": 5, "val": 2}
+
+    assert main(["prepare", "--input", str(corpus), "--bpe-vocab-size", "300", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "missing.model"), "--out", str(tmp_path / "o2")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["prepare", "--input", str(corpus), "--bpe-vocab-size", "100", "--out", str(tmp_path / "o3")]) == 2
+    assert "bpe_vocab_size must be >= 260" in capsys.readouterr().err

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from aoe.data.shards import META_FORMAT, META_VERSION, open_shard, read_meta, token_dtype, write_json_atomic, write_shard
-from aoe.data.tokenizer import TextTokenizer, load_tokenizer, train_bpe_tokenizer
+from aoe.data.tokenizer import BPE_SPECIAL_TOKENS, BYTE_ALPHABET_SIZE, TextTokenizer, load_tokenizer, train_bpe_tokenizer
 
 DEFAULT_EXTENSIONS = (".txt", ".jsonl", ".jsonl.gz")
 # Folders skipped in the standard-library corpus: installed packages and test data (which
@@ -286,8 +286,8 @@ def tokenize_to_shards(
 ) -> tuple[list[dict], int]:
     """Encode documents in batches and write them as shards; return (shard records, token count).
 
-    Each batch is encoded by the Rust tokenizer in parallel, one document per thread, so a batch
-    of several documents keeps all cores busy while the progress bar still moves.
+    The Rust tokenizer encodes the documents of a batch in parallel, so a batch of several
+    documents keeps all cores busy while the progress bar still moves between batches.
     """
     writer = _ShardWriter(out_dir, split, dtype, shard_tokens)
     limit = np.iinfo(dtype).max
@@ -329,7 +329,7 @@ def prepare_corpus(
     """
     started = time.perf_counter()
     out = Path(out_dir)
-    _check_arguments(input_path, dataset, tokenizer, bpe_vocab_size, max_documents, max_bytes, dtype, shard_tokens)
+    _check_arguments(input_path, dataset, tokenizer, bpe_vocab_size, val_fraction, max_documents, max_bytes, dtype, shard_tokens)
     if (out / "meta.json").exists() and not overwrite:
         raise ValueError(f"output folder {out} already contains prepared data (meta.json); pass overwrite=True (--overwrite) to replace it")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -407,11 +407,16 @@ def prepare_corpus(
     return meta
 
 
-def _check_arguments(input_path, dataset, tokenizer, bpe_vocab_size, max_documents, max_bytes, dtype, shard_tokens) -> None:
+def _check_arguments(input_path, dataset, tokenizer, bpe_vocab_size, val_fraction, max_documents, max_bytes, dtype, shard_tokens) -> None:
     if (input_path is None) == (dataset is None):
         raise ValueError("give exactly one corpus source: input_path (--input) or dataset (--dataset)")
     if (tokenizer is None) == (bpe_vocab_size is None):
         raise ValueError("give exactly one of tokenizer (--tokenizer) and bpe_vocab_size (--bpe-vocab-size)")
+    min_vocab = BYTE_ALPHABET_SIZE + len(BPE_SPECIAL_TOKENS)
+    if bpe_vocab_size is not None and bpe_vocab_size < min_vocab:
+        raise ValueError(f"bpe_vocab_size must be >= {min_vocab} (256 byte tokens + {len(BPE_SPECIAL_TOKENS)} special tokens), got {bpe_vocab_size}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     for name, value in (("max_documents", max_documents), ("max_bytes", max_bytes), ("shard_tokens", shard_tokens)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--stdlib", action="store_true", help="use this Python's standard-library .py files (no download)")
     parser.add_argument("--dataset-config", default=None, help="dataset configuration name (with --dataset)")
     parser.add_argument("--split", default="train", help="dataset split to read (with --dataset; default train)")
-    parser.add_argument("--text-field", default="text", help="JSON/dataset field holding the text (default text)")
+    parser.add_argument("--text-field", default="text", help="JSON or dataset field that contains the text (default text)")
     parser.add_argument(
         "--extensions", nargs="+", default=None,
         help=f"file name endings to read from a folder (default {' '.join(DEFAULT_EXTENSIONS)}; .py with --stdlib)",

@@ -86,7 +86,7 @@ def open_shard(path: Path, expected_tokens: int | None = None, expected_sha256: 
             "the file is truncated or corrupt; prepare the data again"
         )
     if expected_tokens is not None and num_tokens != expected_tokens:
-        raise ValueError(f"shard {path} holds {num_tokens} tokens but meta.json records {expected_tokens}")
+        raise ValueError(f"shard {path} contains {num_tokens} tokens but meta.json records {expected_tokens}")
     if expected_sha256 is not None:
         actual = file_sha256(path)
         if actual != expected_sha256:

@@ -139,11 +139,11 @@ def _set_special_tokens_from_vocab(hf: PreTrainedTokenizerFast) -> None:
 def sentencepiece_to_hf(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
     """Convert a SentencePiece BPE model (such as Llama's) into a fast tokenizer with the same ids.
 
-    Two details make the ids equal to the ``sentencepiece`` library's, where transformers' own
-    conversion differs on runs of spaces (checked with transformers 5.2 and Llama 2's model):
-    merges are ranked by the score of the merged piece, as sentencepiece applies them, and words
-    are cut as sentencepiece's ``allow_whitespace_only_pieces`` does (a run of spaces plus the
-    characters up to the next space).
+    transformers' own conversion (checked with transformers 5.2 and Llama 2's model) encodes runs
+    of spaces differently from the ``sentencepiece`` library. Two details fix that. Merges are
+    ranked by the score of the merged piece, the order in which sentencepiece applies them. Words
+    are cut as sentencepiece's ``allow_whitespace_only_pieces`` cuts them: a run of spaces plus
+    the characters up to the next space.
     """
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
@@ -207,7 +207,8 @@ def _sentencepiece_merges(proto, vocab: dict[str, int]) -> list[tuple[str, str]]
     """Return every (left, right) merge that forms a normal piece, best piece score first.
 
     sentencepiece merges the adjacent pair whose merged piece has the highest score, so the
-    merge rank follows that score; ties (Llama's space-only pieces all score -1e9) go by id.
+    merge rank follows that score. Ties, such as Llama's space-only pieces that all score -1e9,
+    go by piece id.
     """
     ranked = []
     for piece_id, piece in enumerate(proto.pieces):
