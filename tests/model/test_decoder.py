@@ -111,6 +111,36 @@ def test_unmasked_padding_changes_balance_loss():
     assert abs(float(unmasked.aux_loss) - float(plain.aux_loss)) > 1e-6
 
 
+def test_position_ids_shapes_agree():
+    # n_heads = S = 4, so a 1-D position tensor broadcast against the head axis would not raise.
+    model = make_model("dense")
+    torch.manual_seed(8)
+    ids = torch.randint(0, VOCAB, (2, 4))
+
+    with torch.no_grad():
+        default = model(ids).logits
+        for positions in (torch.arange(4), torch.arange(4)[None], torch.arange(4)[None].expand(2, 4)):
+            torch.testing.assert_close(model(ids, position_ids=positions).logits, default, rtol=0, atol=0)
+        # Rotary attention depends only on position differences, so the gaps must change.
+        spread = model(ids, position_ids=torch.tensor([0, 2, 3, 7])).logits
+
+    assert (spread - default).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="position_ids"):
+        model(ids, position_ids=torch.arange(5))
+
+
+def test_padded_positions_stay_finite():
+    model = make_model("aoe")
+    ids = torch.randint(0, VOCAB, (2, 6))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+
+    assert bool(torch.isfinite(out.logits).all())
+    assert bool(torch.isfinite(out.aux_loss))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_valid_labels_loss_zero(kind):
     model = make_model(kind).train()

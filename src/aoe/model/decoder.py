@@ -152,6 +152,13 @@ class Transformer(nn.Module):
             valid_mask = labels != IGNORE_INDEX
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)[None]
+        elif position_ids.dim() == 1:
+            # A (S,) tensor applies to every row. Without the batch axis, the rotary tables
+            # would broadcast S against the head axis and rotate by the wrong positions.
+            position_ids = position_ids[None]
+        if position_ids.shape[-1] != seq or position_ids.dim() != 2:
+            raise ValueError(f"invalid position_ids shape {tuple(position_ids.shape)}: expected ({seq},), "
+                             f"(1, {seq}) or ({batch}, {seq}) to match input_ids")
         cos, sin = rotary_tables(self.config.head_dim, position_ids, self.config.attention.rope_theta)
 
         # shape: (B, S, D)
