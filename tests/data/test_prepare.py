@@ -213,3 +213,25 @@ def test_cli_prepare_and_errors(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["prepare", "--input", str(corpus), "--bpe-vocab-size", "100", "--out", str(tmp_path / "o3")]) == 2
     assert "bpe_vocab_size must be >= 260" in capsys.readouterr().err
+
+
+def test_small_shards_same_stream(prepared, tmp_path):
+    out, meta, _ = prepared
+    corpus = tmp_path / "corpus"
+    _write_corpus(corpus)
+    split = prepare_corpus(tmp_path / "split", input_path=corpus, bpe_vocab_size=300, val_fraction=0.3, seed=3, shard_tokens=7)
+    assert len(split["shards"]["train"]) == -(-meta["num_tokens"]["train"] // 7)
+    assert all(s["num_tokens"] == 7 for s in split["shards"]["train"][:-1])
+    for name in ("train", "val"):
+        whole, pieces = TokenDataset(out, name), TokenDataset(tmp_path / "split", name)
+        assert np.array_equal(whole.tokens(0, len(whole)), pieces.tokens(0, len(pieces)))
+
+
+def test_single_jsonl_file_input(tmp_path):
+    path = tmp_path / "only.jsonl"
+    path.write_text("".join(json.dumps({"content": f"record number {i}"}) + "\n" for i in range(10)), encoding="utf-8")
+    meta = prepare_corpus(tmp_path / "out", input_path=path, text_field="content", bpe_vocab_size=300, val_fraction=0.2)
+    assert meta["num_documents"] == {"train": 8, "val": 2}
+    assert all(source.startswith("only.jsonl:") for source in meta["val_documents"])
+    with pytest.raises(ValueError, match="no text field 'text'"):
+        prepare_corpus(tmp_path / "out2", input_path=path, bpe_vocab_size=300)
