@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from aoe.model.config import AttentionConfig, FFNConfig, ModelConfig, matched_d_wide
 from aoe.model.decoder import Transformer
@@ -135,3 +136,26 @@ def test_matched_d_wide_rejects_bad_input():
         matched_d_wide(768, 3072, 64, rounding="up")
     with pytest.raises(ValueError, match="d_low"):
         matched_d_wide(16, 1, 40)
+
+
+@pytest.mark.parametrize("name", list(SMALL_CONFIGS))
+def test_forward_flops_match_flop_counter(name):
+    config = small_config(n_kv_heads=2, **SMALL_CONFIGS[name])
+    torch.manual_seed(1)
+    model = Transformer(config).eval()
+    for block in model.layers:
+        # The per-expert loop runs plain matmuls, which the FLOP counter sees.
+        if hasattr(getattr(block.ffn, "experts", None), "implementation"):
+            block.ffn.experts.implementation = "loop"
+    batch, seq = 2, 8
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, config.vocab_size, (batch, seq)))
+    measured = counter.get_total_flops() / (batch * seq)
+
+    # The counter records the projections, experts, router and head (aten.mm) but not the
+    # attention scores inside CPU scaled_dot_product_attention, which the config counts as
+    # 2 * D * S per layer for the causal average.
+    attention_scores = config.n_layers * 2 * config.d_model * seq
+    assert measured == config.forward_flops_per_token(seq) - attention_scores
+    assert config.train_flops_per_token(seq) == 3 * config.forward_flops_per_token(seq)
