@@ -125,6 +125,8 @@ def test_shape_validation(dataset):
         PackedLoader(dataset, 1, NUM_TOKENS, seed=0)
     with pytest.raises(ValueError, match="fewer than one batch per rank"):
         PackedLoader(dataset, 200, SEQ_LEN, seed=0, world_size=2)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        PackedLoader(dataset, 1, SEQ_LEN, seed=-1)
     with pytest.raises(ValueError, match="rank must be"):
         PackedLoader(dataset, 1, SEQ_LEN, seed=0, rank=2, world_size=2)
 

@@ -117,6 +117,8 @@ class PackedLoader:
         num_windows = _check_shape(dataset, batch_size, seq_len)
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
         self.batches_per_epoch = num_windows // (batch_size * world_size)
