@@ -115,6 +115,9 @@ def test_top_p_one_selects_all():
 
     assert bool(selection.mask_TE.all())
     torch.testing.assert_close(selection.weight, torch.softmax(scores, dim=-1).reshape(-1))
+    # A confident token whose other probabilities fall below fp32 resolution next to 1.0.
+    confident = select_top_p(torch.tensor([[20.0, 0.0, 0.0, 0.0]]), p=1.0)
+    assert confident.mask_TE.tolist() == [[True, True, True, True]]
 
 
 def test_top_p_tiny_selects_argmax():

@@ -152,7 +152,9 @@ def select_top_p(scores_TE: Tensor, p: float) -> Selection:
     probs_TE = torch.softmax(scores_TE, dim=-1)
     sorted_probs_TE, order_TE = _rank_experts(probs_TE)
     mass_before_TE = sorted_probs_TE.cumsum(dim=-1) - sorted_probs_TE
-    keep_sorted_TE = mass_before_TE < p
+    # With P = 1 every expert is kept, even where the fp32 running sum rounds to 1.0 before
+    # the last experts (their probabilities below about 6e-8).
+    keep_sorted_TE = mass_before_TE < p if p < 1 else torch.ones_like(mass_before_TE, dtype=torch.bool)
     keep_sorted_TE[:, 0] = True
 
     # shape: (T, E) in expert order
