@@ -387,13 +387,22 @@ def _expert_dtensor(local: torch.Tensor, dim: int, context: DistributedContext):
 
 
 def _wrap_expert_shards(state: dict[str, Any], expert_params: dict, context: DistributedContext) -> None:
+    # New dicts throughout: the optimizer's state dict shares its per-parameter dicts with the
+    # optimizer, which must keep plain tensors.
+    state["model"] = dict(state["model"])
+    optim_state = state.get("optimizer", {}).get("state")
+    if optim_state is not None:
+        state["optimizer"] = {**state["optimizer"], "state": dict(optim_state)}
     for name, (param, dim, _) in expert_params.items():
         state["model"][name] = _expert_dtensor(state["model"][name], dim, context)
-        entry = state.get("optimizer", {}).get("state", {}).get(name, {})
-        for key, value in entry.items():
-            # Moments have the parameter's shape; scalars such as AdamW's step are replicated.
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                entry[key] = _expert_dtensor(value, dim, context)
+        if optim_state is None or name not in optim_state:
+            continue
+        # Moments have the parameter's shape; scalars such as AdamW's step are replicated.
+        state["optimizer"]["state"][name] = {
+            key: _expert_dtensor(value, dim, context) if isinstance(value, torch.Tensor) and value.shape == param.shape
+            else value
+            for key, value in optim_state[name].items()
+        }
 
 
 def _unwrap_expert_shards(state: dict[str, Any]) -> dict[str, Any]:
