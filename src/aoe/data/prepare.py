@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import sysconfig
 import time
 from collections import Counter
@@ -375,6 +376,8 @@ def prepare_corpus(
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("train_*.bin"), *out.glob("val_*.bin"), out / "meta.json"]:
         stale.unlink(missing_ok=True)
+    # Files of an earlier tokenizer (a tokenizer.model, say) must not outlive it.
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
     loaded_tokenizer.save_pretrained(out / "tokenizer")
 
     shards, num_tokens = {}, {}
