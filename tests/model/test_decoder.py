@@ -236,3 +236,23 @@ def test_top1_scores_get_lm_gradient(kind):
             # weight softmax(all norms) at the chosen expert.
             assert float(out.routing[layer].stats.tokens_per_expert[3]) == 0, layer
             assert float(scorer.grad[:, 3].norm()) > 1e-8, layer
+
+
+@pytest.mark.parametrize("kind", ["moe", "aoe"])
+def test_bf16_autocast_close_to_fp32(kind):
+    model = make_model(kind, aux_loss_coef=0.01).train()
+    torch.manual_seed(9)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    labels = torch.randint(0, VOCAB, (2, 8))
+
+    reference = model(ids, labels=labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=labels)
+    out.loss.backward()
+
+    assert out.logits.dtype == torch.float32
+    assert out.aux_loss.dtype == torch.float32
+    assert out.loss.item() == pytest.approx(reference.loss.item(), rel=1e-2)
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert param.grad.dtype == torch.float32, name
