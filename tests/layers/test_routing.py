@@ -212,3 +212,39 @@ def test_scores_fp32_under_bf16_autocast(kind, changes):
     torch.testing.assert_close(scores, reference_scores, rtol=0, atol=0)
     assert torch.equal(selection.expert_idx, reference.expert_idx)
     torch.testing.assert_close(routing.stats.tokens_per_expert, reference.mask_TE.float().sum(0))
+
+
+# ----- routing statistics ------------------------------------------------------------------
+
+
+def test_routing_stats_uniform_summary():
+    from aoe.layers.routing import Selection, routing_stats
+
+    mask = uniform_top_k_mask(8, 2)
+    token_idx, expert_idx = mask.nonzero(as_tuple=True)
+    selection = Selection(token_idx, expert_idx, torch.full((16,), 0.5), mask)
+    stats = routing_stats(torch.zeros(8, N_EXPERTS), selection)
+    summary = stats.merge(stats).summary()
+
+    # Uniform load and uniform confidence both have entropy ln(E).
+    assert summary["ent_load"] == pytest.approx(math.log(N_EXPERTS), abs=1e-6)
+    assert summary["ent_conf"] == pytest.approx(math.log(N_EXPERTS), abs=1e-6)
+    assert summary["num_tokens"] == 16.0
+    assert summary["load_fraction"] == pytest.approx([0.5] * N_EXPERTS)
+    assert summary["experts_per_token"] == [0.0, 0.0, 16.0, 0.0, 0.0]
+    assert summary["mean_active_experts"] == pytest.approx(2.0)
+
+
+def test_routing_stats_skip_padding():
+    from aoe.layers.routing import routing_stats
+
+    scores = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]])
+    selection = select_top_k(scores, k=1)
+    valid = torch.tensor([True, True, False])
+    summary = routing_stats(scores, selection, valid).summary()
+
+    assert summary["num_tokens"] == 2.0
+    assert summary["load_fraction"] == pytest.approx([0.5, 0.5, 0.0, 0.0])
+    assert summary["ent_load"] == pytest.approx(math.log(2), abs=1e-6)
+    assert summary["mean_score"] == pytest.approx([1.5, 1.5, 0.0, 0.0])
+    assert summary["experts_per_token"] == [0.0, 2.0, 0.0, 0.0, 0.0]

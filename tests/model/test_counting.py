@@ -144,7 +144,7 @@ def test_forward_flops_match_flop_counter(name):
     torch.manual_seed(1)
     model = Transformer(config).eval()
     for block in model.layers:
-        # The per-expert loop runs plain matmuls, which the FLOP counter sees.
+        # The per-expert loop runs plain matmuls, which the FLOP counter records.
         if hasattr(getattr(block.ffn, "experts", None), "implementation"):
             block.ffn.experts.implementation = "loop"
     batch, seq = 2, 8
