@@ -84,8 +84,20 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    save_file(unshared(tensors), str(path))
     _fsync_file(path)
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy tensors that share storage with an earlier one (a tied head), which safetensors rejects."""
+    result: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        key = tensor.untyped_storage().data_ptr()
+        result[name] = tensor.clone() if key in seen else tensor
+        seen.add(key)
+    return result
 
 
 def sha256_file(path: Path) -> str:
@@ -109,17 +121,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 # ----- state flattening --------------------------------------------------------------------
-
-
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with shared tensors (a tied head) copied, as safetensors needs."""
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        key = tensor.untyped_storage().data_ptr()
-        tensors[name] = tensor.clone() if key in seen else tensor
-        seen.add(key)
-    return tensors
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -204,7 +205,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
 
     opt_tensors, opt_structure = flatten_optimizer(optimizer)
     rng_json, rng_tensors = rng_state()
-    _save_tensors(tmp / MODEL_FILE, model_tensors(model))
+    _save_tensors(tmp / MODEL_FILE, model.state_dict())
     _save_tensors(tmp / OPTIMIZER_TENSORS, opt_tensors)
     _write_json(tmp / OPTIMIZER_JSON, opt_structure)
     _save_tensors(tmp / STATE_TENSORS, {**state_tensors, **rng_tensors})

@@ -83,8 +83,9 @@ RoutingSums = list[RoutingStats | None]
 
 
 def merge_routing(total: RoutingSums | None, new: RoutingSums) -> RoutingSums:
+    """Add ``new`` to the running sums ``total``; the result never shares tensors with ``new``."""
     if total is None:
-        return list(new)
+        return [None if s is None else RoutingStats(*(t.clone() for t in s.as_tuple())) for s in new]
     return [b if a is None else (a if b is None else a.merge(b)) for a, b in zip(total, new)]
 
 
