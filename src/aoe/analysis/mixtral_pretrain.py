@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aoe.analysis.files import atomic_write_text
+from aoe.train.checkpoint import atomic_write_text
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
