@@ -1,0 +1,141 @@
+"""``aoe eval MODEL --tasks ...``: downstream accuracy with lm-evaluation-harness, or held-out perplexity.
+
+MODEL is a run folder (scored with the native model), an exported Hugging Face folder, or a
+Hugging Face model path. ``--data-dir`` switches to the task configs shipped in
+aoe/eval/tasks, which read local copies of the datasets and work offline; without it the
+standard lm-eval tasks are used, which download their data from the Hugging Face hub.
+Results go to OUT/results.json and OUT/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from aoe.eval import suite
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="run folder, exported Hugging Face folder, or Hugging Face model path")
+    parser.add_argument("--tasks", default="paper",
+                        help="'paper' (the ten tasks of the AoE paper) and/or a comma-separated list of: "
+                             + ", ".join(suite.SHOTS))
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with local copies of the datasets; uses aoe's offline task configs")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate at most N examples per task (quick runs)")
+    parser.add_argument("--num-fewshot", type=int, default=None,
+                        help="override every task's number of in-context examples (default: the paper's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the run's or the model folder's)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder (default: newest)")
+    parser.add_argument("--no-bos", action="store_true", help="do not start requests with BOS")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--seed", type=int, default=1234, help="seed for few-shot example sampling")
+    parser.add_argument("--output", default=None,
+                        help="output folder (default: RUN/eval for a run folder, else eval_results/<name>)")
+
+
+def default_output(model: str, is_run: bool) -> Path:
+    if is_run:
+        return Path(model) / "eval"
+    return Path("eval_results") / Path(model.rstrip("/")).name
+
+
+def task_manager(data_dir: str | None):
+    """lm-eval's task index: only aoe's local configs with ``data_dir``, else the built-in tasks."""
+    from lm_eval.tasks import TaskManager
+
+    if data_dir is not None:
+        # Indexing only this folder takes well under a second; the built-in index takes minutes on a busy CPU.
+        return TaskManager(include_path=str(suite.TASKS_DIR), include_defaults=False,
+                           metadata={"data_dir": str(data_dir)})
+    return TaskManager()
+
+
+def evaluate_task(lm, manager, task: str, local: bool, limit: int | None, num_fewshot: int | None,
+                  seed: int) -> dict:
+    """Run one task through lm-eval; returns {"acc", "acc_stderr", "metrics", "lm_eval_task", "shots", ...}."""
+    from lm_eval import simple_evaluate
+
+    name = suite.LOCAL_TASKS[task] if local else suite.HUB_TASKS[task]
+    shots = suite.SHOTS[task] if num_fewshot is None else num_fewshot
+    out = simple_evaluate(model=lm, tasks=[name], num_fewshot=shots, limit=limit, task_manager=manager,
+                          log_samples=False, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                          torch_random_seed=seed, fewshot_random_seed=seed)
+    metrics = out["results"][name]
+    return {"acc": metrics["acc,none"], "acc_stderr": metrics.get("acc_stderr,none"),
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            "lm_eval_task": name, "shots": shots, "n_samples": out.get("n-samples", {})}
+
+
+def run(args: argparse.Namespace) -> int:
+    from aoe.eval.formats import find_task_file
+    from aoe.eval.models import is_run_dir, load_lm
+
+    tasks = suite.parse_tasks(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"invalid --limit={args.limit}: expected a positive integer")
+    if args.data_dir is not None:
+        if not Path(args.data_dir).is_dir():
+            raise FileNotFoundError(f"--data-dir {args.data_dir} is not a folder")
+        # Local tasks never need the hub; stop datasets and transformers from trying it.
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    loaded = load_lm(args.model, tokenizer=args.tokenizer, step=args.step, batch_size=args.batch_size,
+                     add_bos=not args.no_bos, device=args.device)
+    out_dir = Path(args.output) if args.output else default_output(args.model, loaded.kind == "run")
+
+    manager = task_manager(args.data_dir)
+    scores: dict[str, float | str] = {}
+    details: dict[str, dict] = {}
+    started = time.perf_counter()
+    for task in tasks:
+        if args.data_dir is not None:
+            try:
+                find_task_file(task, args.data_dir)
+            except FileNotFoundError as exc:
+                print(f"{task}: {suite.MISSING} ({exc})")
+                scores[task], details[task] = suite.MISSING, {"status": suite.MISSING, "reason": str(exc)}
+                continue
+        task_start = time.perf_counter()
+        try:
+            result = evaluate_task(loaded.lm, manager, task, args.data_dir is not None, args.limit, args.num_fewshot,
+                                   args.seed)
+        except (FileNotFoundError, ConnectionError, OSError) as exc:
+            # Hub tasks whose data cannot be fetched (offline machine) count as missing.
+            log.warning("task %s could not load its data: %s", task, exc)
+            print(f"{task}: {suite.MISSING} ({type(exc).__name__}: {exc})")
+            scores[task], details[task] = suite.MISSING, {"status": suite.MISSING, "reason": f"{type(exc).__name__}: {exc}"}
+            continue
+        result["seconds"] = round(time.perf_counter() - task_start, 2)
+        scores[task], details[task] = result["acc"], {"status": "ok", **result}
+        print(f"{task}: acc {100 * result['acc']:.2f} ({result['shots']}-shot, {result['seconds']:.1f} s)")
+
+    name = Path(args.model.rstrip("/")).name
+    table = suite.results_table(scores, name)
+    report = {"model": args.model, "model_info": loaded.info, "data_dir": args.data_dir, "limit": args.limit,
+              "add_bos": loaded.lm.add_bos, "scores": scores, "tasks": details,
+              "seconds": round(time.perf_counter() - started, 2)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "results.json", json.dumps(report, indent=2) + "\n")
+    note = f"\nAccuracy in percent; at most {args.limit} examples per task (--limit).\n" if args.limit else ""
+    _write_atomic(out_dir / "results.md", table + note)
+    print(table, end="")
+    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
