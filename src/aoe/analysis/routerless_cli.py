@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", nargs="+", choices=NODES, default=list(NODES),
                         help="activations whose norm ranks the experts (default: all five)")
     parser.add_argument("--norm", nargs="+", choices=NORMS, default=list(NORMS), help="norms to rank by (default: all)")
-    parser.add_argument("--corpus", nargs="+", default=[], metavar="PATH",
+    parser.add_argument("--corpus", nargs="+", default=[], metavar="[NAME=]PATH",
                         help="held-out text for perplexity: .npy token files, text files or folders of .txt files")
     parser.add_argument("--tasks", nargs="+", default=[], help="lm-eval tasks, run through aoe's evaluation bridge")
     parser.add_argument("--task-data", default="/work/shared/data/eval", help="folder with the local task files")
@@ -46,6 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figure", default=None, help="bar chart PNG (default: beside --report, routerless.png)")
 
 
+def parse_corpora(specs: list[str]) -> dict[str, str]:
+    """``NAME=PATH`` or ``PATH`` (named after the file stem) -> {name: path}."""
+    corpora = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=")
+        corpora[name or Path(path).stem] = path
+    return corpora
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.corpus and not args.tasks:
         raise ValueError("nothing to measure: pass --corpus PATH (held-out perplexity) and/or --tasks NAME")
@@ -55,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_causal_lm(args.model)
-    corpora = {Path(c).stem: token_windows(held_out_tokens(c, tokenizer, args.max_tokens), args.seq_len)
-               for c in args.corpus}
+    corpora = {name: token_windows(held_out_tokens(path, tokenizer, args.max_tokens), args.seq_len)
+               for name, path in parse_corpora(args.corpus).items()}
     settings = [("original", None)] + [(node, norm) for node in args.node for norm in args.norm] + [("random", None)]
     rows = run_grid(model, settings, corpora, args, tokenizer)
     result = {"model": str(args.model), "top_k": args.top_k, "seq_len": args.seq_len,
@@ -96,14 +105,37 @@ def run_grid(model, settings, corpora, args, tokenizer) -> list[dict]:
     return rows
 
 
+def scoring_lm(model, tokenizer, batch_size: int):
+    """An lm-eval model over ``model``'s current forward, so that a routerless patch applies to it."""
+    from aoe.analysis.heldout import model_logits
+    from aoe.eval.lm import ScoringLM, hf_tokenizer_spec
+
+    if tokenizer is None:
+        raise ValueError("--tasks needs the model's tokenizer, and the model folder has none")
+    config = getattr(model, "config", None)
+    max_length = getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", 2048)
+
+    def logits_fn(ids, mask):
+        # Right padding only: padded positions come after every scored token, so no mask is needed.
+        return model_logits(model, ids)
+
+    return ScoringLM(logits_fn, hf_tokenizer_spec(tokenizer), max_length=max_length, batch_size=batch_size,
+                     add_bos=tokenizer.bos_token_id is not None)
+
+
 def task_accuracy(model, tokenizer, args) -> dict[str, float]:
-    """Accuracy per task through the evaluation bridge, if it is installed."""
-    try:
-        from aoe.eval.harness import evaluate_tasks
-    except ImportError as exc:
-        raise ValueError("--tasks needs aoe's evaluation bridge (aoe.eval.harness.evaluate_tasks), "
-                         f"which failed to import: {exc}") from None
-    return evaluate_tasks(model, tokenizer, args.tasks, data_dir=args.task_data, limit=args.limit)
+    """Accuracy per task with aoe's local lm-eval task configs (``aoe eval --data-dir``)."""
+    import os
+
+    from aoe.eval.cli import evaluate_task, task_manager
+    from aoe.eval.suite import parse_tasks
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    lm = scoring_lm(model, tokenizer, args.batch_size)
+    manager = task_manager(args.task_data)
+    return {task: evaluate_task(lm, manager, task, True, args.limit, None, args.seed)["acc"]
+            for task in parse_tasks(",".join(args.tasks))}
 
 
 # ----- report ------------------------------------------------------------------------------
