@@ -1,0 +1,64 @@
+"""``aoe eval`` end to end on a tiny run folder and synthetic local data, plus the task list and table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from aoe.eval import cli, suite
+from hf_testing import build_model, small_config, write_run_dir
+from test_eval_formats import jsonl, write
+
+
+def test_paper_tasks_and_shots():
+    tasks = suite.parse_tasks("paper")
+    assert tasks == ["arc_easy", "piqa", "siqa", "winogrande", "hellaswag", "mnli", "mrpc", "qnli", "qqp", "sst2"]
+    assert [suite.SHOTS[t] for t in tasks] == [0] * 5 + [3] * 5
+    assert suite.parse_tasks("mmlu,arc_challenge") == ["mmlu", "arc_challenge"]
+    assert [suite.SHOTS[t] for t in ("mmlu", "arc_challenge")] == [5, 5]
+    assert suite.parse_tasks("social_iqa,siqa") == ["siqa"]
+    with pytest.raises(ValueError, match="unknown task 'squad'"):
+        suite.parse_tasks("squad")
+
+
+def test_table_order_average_and_missing():
+    scores = {"sst2": 0.5, "arc_easy": 0.25, "mnli": suite.MISSING, "piqa": 0.75}
+    table = suite.results_table(scores, "m")
+    header, _, row = table.strip().splitlines()
+    assert header == "| model | ARC-E | PIQA | MNLI | SST2 | AVG (3 of 4) |"
+    assert row == "| m | 25.00 | 75.00 | missing | 50.00 | 50.00 |"
+
+
+def synthetic_data(root):
+    write(root / "arc_easy" / "arc_easy_test.jsonl", jsonl(
+        *({"query": f"Question: What is {i} plus one?", "choices": [str(i + 1), "seven", "blue"], "gold": 0}
+          for i in range(4))))
+    write(root / "glue" / "sst2" / "dev.tsv",
+          "text\tlabel\n" + "".join(f"a fine film number {i} .\t{i % 2}\n" for i in range(6)))
+    return root
+
+
+def test_eval_run_folder_offline(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_dir = write_run_dir(tmp_path, build_model(small_config("moe")), tokenizer)
+    data_dir = synthetic_data(tmp_path / "eval_data")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args([str(run_dir), "--tasks", "arc_easy,sst2,qqp", "--data-dir", str(data_dir),
+                              "--limit", "3", "--output", str(tmp_path / "out")])
+    assert cli.run(args) == 0
+
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["scores"]["qqp"] == suite.MISSING
+    assert report["tasks"]["arc_easy"]["shots"] == 0
+    assert report["tasks"]["sst2"]["shots"] == 3
+    for task in ("arc_easy", "sst2"):
+        acc = report["scores"][task]
+        # Three examples: the accuracy is a multiple of 1/3.
+        assert round(acc * 3) == pytest.approx(acc * 3, abs=1e-9)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.splitlines()[0] == "| model | ARC-E | SST2 | QQP | AVG (2 of 3) |"
+    assert "| missing |" in table
