@@ -89,7 +89,8 @@ def test_bos_is_never_doubled(model, tokenizer):
     lm = make_lm(model, tokenizer)
     bos = tokenizer.bos_id
     context_enc, _ = lm._encode_pair("The quick", " brown")
-    assert context_enc[0] == bos and context_enc[1] != bos
+    assert context_enc[0] == bos
+    assert context_enc[1] != bos
     assert lm.with_bos([bos, 5, 6]) == [bos, 5, 6]
     assert lm.with_bos([5, 6]) == [bos, 5, 6]
     # An empty context is scored after BOS alone.
@@ -134,3 +135,25 @@ def test_rolling_loglikelihood_of_short_text(model, tokenizer):
 def test_rejects_bad_settings(model, tokenizer):
     with pytest.raises(ValueError, match="batch_size"):
         make_lm(model, tokenizer, batch_size=0)
+
+
+def test_exported_folder_scores_like_run_folder(tmp_path, tokenizer):
+    from aoe.eval.models import is_run_dir, load_lm
+    from aoe.hf.export import export_model
+    from hf_testing import write_run_dir
+
+    native = build_model(small_config("moe"), seed=5)
+    run_dir = write_run_dir(tmp_path, native, tokenizer)
+    out_dir = export_model(native, tmp_path / "hf", tokenizer.hf)
+    assert is_run_dir(run_dir)
+    assert not is_run_dir(out_dir)
+
+    from_run = load_lm(str(run_dir), batch_size=3)
+    from_export = load_lm(str(out_dir), batch_size=3)
+    assert from_run.kind == "run"
+    assert from_export.kind == "hf"
+    run_scores = from_run.lm.loglikelihood(instances(REQUESTS), disable_tqdm=True)
+    export_scores = from_export.lm.loglikelihood(instances(REQUESTS), disable_tqdm=True)
+    for (run_score, run_greedy), (export_score, export_greedy) in zip(run_scores, export_scores):
+        assert export_score == pytest.approx(run_score, abs=1e-4)
+        assert export_greedy == run_greedy

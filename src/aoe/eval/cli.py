@@ -2,8 +2,8 @@
 
 MODEL is a run folder (scored with the native model), an exported Hugging Face folder, or a
 Hugging Face model path. ``--data-dir`` switches to the task configs shipped in
-aoe/eval/tasks, which read local copies of the datasets and work offline; without it the
-standard lm-eval tasks are used, which download their data from the Hugging Face hub.
+aoe/eval/tasks, which read local copies of the datasets and work offline. Without it the
+standard lm-eval tasks run, and they download their data from the Hugging Face hub.
 Results go to OUT/results.json and OUT/results.md.
 """
 
@@ -76,7 +76,8 @@ def evaluate_task(lm, manager, task: str, local: bool, limit: int | None, num_fe
 
 def run(args: argparse.Namespace) -> int:
     from aoe.eval.formats import find_task_file
-    from aoe.eval.models import is_run_dir, load_lm
+    from aoe.eval.models import load_lm
+    from aoe.train.checkpoint import atomic_write_text
 
     tasks = suite.parse_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:
@@ -124,18 +125,10 @@ def run(args: argparse.Namespace) -> int:
               "add_bos": loaded.lm.add_bos, "scores": scores, "tasks": details,
               "seconds": round(time.perf_counter() - started, 2)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "results.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2) + "\n")
     note = f"\nAccuracy in percent; at most {args.limit} examples per task (--limit).\n" if args.limit else ""
-    _write_atomic(out_dir / "results.md", table + note)
+    atomic_write_text(out_dir / "results.md", table + note)
     print(table, end="")
     print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return 0
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

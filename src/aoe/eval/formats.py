@@ -1,8 +1,8 @@
 """Readers for local copies of the evaluation sets, in their original and converted formats.
 
 Each ``read_<task>(data_dir)`` finds the task's file under ``data_dir`` (candidate names in
-``TASK_FILES``), detects the record format from the records themselves, and returns
-canonical documents whose fields match what lm-evaluation-harness's standard task of the same
+``TASK_FILES``) and detects the record format from the records themselves. It returns
+canonical documents with the fields that lm-evaluation-harness's standard task of the same
 name reads, so the local task configs reuse the standard prompts:
 
 - arc_easy / arc_challenge: question, choices (list[str]), gold. Original AI2 JSONL
@@ -211,7 +211,7 @@ def read_glue(task: str, path: Path) -> list[dict]:
         a, b, y = col("question1"), col("question2"), col("is_duplicate", "label")
         docs = [{"question1": r[a], "question2": r[b], "label": int(r[y])} for r in rows]
     elif task == "sst2":
-        # The GLUE header says "sentence"; a known copy says "text".
+        # The GLUE header names the column "sentence"; a known copy names it "text".
         s, y = col("sentence", "text"), col("label")
         docs = [{"sentence": r[s], "label": int(r[y])} for r in rows]
     else:

@@ -4,9 +4,9 @@
 Hugging Face folders and other Hugging Face causal LMs through one tokenisation and batching
 path, so their scores are comparable:
 
-- a (context, continuation) pair is split into tokens as lm-eval's ``HFLM`` does (trailing
-  spaces of the context move to the continuation; the whole string is encoded and the
-  context's token count marks the split). When a token straddles the boundary so that no
+- a (context, continuation) pair is split into tokens as lm-eval's ``HFLM`` does. Trailing
+  spaces of the context move to the continuation, the whole string is encoded, and the
+  context's own token count marks the split. When a token straddles the boundary so that no
   continuation token is left, context and continuation are encoded separately instead, so a
   continuation is never scored as empty;
 - every request starts with BOS, as every pretraining document does, and a context that

@@ -19,7 +19,7 @@ class LoadedModel:
 
 
 def is_run_dir(path: str | Path) -> bool:
-    """A folder written by ``aoe train``: config.json with a "model" key, and checkpoints/."""
+    """Return whether ``path`` looks written by ``aoe train`` (config.json with a "model" key, and checkpoints/)."""
     path = Path(path)
     config = path / "config.json"
     if not (config.is_file() and (path / "checkpoints").is_dir()):

@@ -18,9 +18,9 @@ def evaluate_perplexity(model, batches: Iterable, max_batches: int | None = None
     ``model`` is an ``aoe.model.decoder.Transformer`` (or anything whose forward takes
     ``(input_ids, labels=...)`` and returns ``ce_sum`` and ``num_valid``); ``batches`` yields
     objects with ``input_ids`` and next-token ``labels`` (-100 = ignore), such as
-    ``aoe.data.loader.eval_batches``. The loss is the sum of cross-entropies divided by the
-    number of valid targets over all batches, so a short last batch weighs what its tokens
-    weigh; auxiliary routing losses are not included. The model's training mode is restored.
+    ``aoe.data.loader.eval_batches``. The loss is the summed cross-entropy over all batches
+    divided by their valid targets, so a short last batch counts by its tokens. Auxiliary
+    routing losses are not included. The model's training mode is restored.
     """
     was_training = model.training
     model.eval()

@@ -22,7 +22,7 @@ HUB_TASKS = {"arc_easy": "arc_easy", "piqa": "piqa", "siqa": "social_iqa", "wino
 LOCAL_TASKS = {task: f"aoe_{task}" for task in SHOTS}
 ALIASES = {"social_iqa": "siqa", "arc_e": "arc_easy", "arc_c": "arc_challenge", "wino": "winogrande",
            "hella": "hellaswag"}
-# (task, column header): the paper's column order first, then the tasks it does not report
+# (task, column header): the AoE paper's column order first, then the tasks that paper does not report
 COLUMNS = (("arc_easy", "ARC-E"), ("piqa", "PIQA"), ("siqa", "SIQA"), ("winogrande", "WINO"),
            ("hellaswag", "HELLA"), ("mnli", "MNLI"), ("qnli", "QNLI"), ("sst2", "SST2"),
            ("mrpc", "MRPC"), ("qqp", "QQP"), ("mmlu", "MMLU"), ("arc_challenge", "ARC-C"))
@@ -47,7 +47,7 @@ def parse_tasks(spec: str) -> list[str]:
 
 
 def results_table(scores: dict[str, float | str], model_name: str) -> str:
-    """Markdown table in the paper's column order, accuracy in percent, with the average.
+    """Format a markdown table in the AoE paper's column order, accuracy in percent, with the average.
 
     Only requested tasks get a column. The average is over the tasks that have a score, and
     its header says how many of the requested tasks that is, so a table with a missing task

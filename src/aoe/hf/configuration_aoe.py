@@ -1,7 +1,7 @@
 """Hugging Face config for aoe decoders (dense, router MoE and Autonomy-of-Experts FFNs).
 
 This file is copied next to exported weights and loaded with ``trust_remote_code=True``, so it
-imports only torch-free transformers code and never the ``aoe`` package. Derived sizes (the
+imports only ``transformers`` and never the ``aoe`` package. Derived sizes (the
 expert width ``expert_hidden_size`` and the large router's width) are stored resolved, so the
 modeling file needs no parameter-matching arithmetic.
 """

@@ -1,7 +1,7 @@
 """Convert a native ``aoe.model.decoder.Transformer`` into the Hugging Face ``AoEForCausalLM``.
 
 The Hugging Face classes keep the native parameter names under a ``model.`` prefix (the output
-head stays ``lm_head``), so conversion renames keys and copies tensors; derived sizes are
+head stays ``lm_head``), so conversion renames keys and copies tensors. Derived sizes are
 resolved here from the native ``ModelConfig``.
 """
 

@@ -1,6 +1,6 @@
 """``aoe export RUN_DIR OUT_DIR``: write a run's checkpoint as a Hugging Face model folder.
 
-The folder holds model.safetensors, config.json (with ``auto_map`` pointing at the copied
+The folder contains model.safetensors, config.json (with ``auto_map`` pointing at the copied
 configuration_aoe.py and modeling_aoe.py), generation_config.json, the tokenizer files and
 aoe_export.json (source run, step and native model config). It loads with
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` without aoe installed.

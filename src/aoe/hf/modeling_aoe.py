@@ -9,7 +9,7 @@ Shape legend:
 This file is copied next to exported weights and loaded with ``trust_remote_code=True``, so it
 must not import the ``aoe`` package. It restates the math of ``aoe.model.decoder`` and
 ``aoe.layers`` (rotary attention, selection, dispatch, SwiGLU experts) operation for operation,
-with the same parameter names under a ``model.`` prefix; the tests in tests/hf compare logits
+with the same parameter names under a ``model.`` prefix. The tests in tests/hf compare logits
 and per-layer expert selections with the native model, so a change on either side must be
 made on both.
 
@@ -166,7 +166,7 @@ def select_top_p(scores_TE: Tensor, p: float) -> Selection:
 
 
 def select_expert_choice(scores_TE: Tensor, capacity_factor: float, valid_T: Tensor | None) -> Selection:
-    """Every expert takes its top capacity_factor*T_valid/E tokens; padding is never chosen."""
+    """Let every expert take its top capacity_factor*T_valid/E tokens; padding is never chosen."""
     scores_TE = scores_TE.float()
     num_tokens, num_experts = scores_TE.shape
     num_valid = num_tokens if valid_T is None else int(valid_T.sum())
@@ -489,8 +489,8 @@ class AoEForCausalLM(AoEPreTrainedModel, GenerationMixin):
         """Run the decoder; ``labels`` (B, S) are unshifted targets with -100 = ignore.
 
         The auxiliary routing losses are added to ``loss`` only when labels are given and
-        autograd is enabled; under ``torch.no_grad`` (evaluation, ``generate``) ``loss`` is the
-        cross-entropy alone and no auxiliary loss is computed.
+        autograd is enabled. Under ``torch.no_grad`` (evaluation, ``generate``) no auxiliary
+        loss is computed, and ``loss`` is the cross-entropy alone.
         """
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
