@@ -20,6 +20,7 @@ from typing import Any
 
 from aoe.config_utils import ConfigError, apply_overrides, check, check_choice, from_dict, load_config_file, to_dict
 from aoe.model.config import ModelConfig
+from aoe.train.distributed import ParallelConfig
 
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "cuda", "auto")
@@ -170,6 +171,8 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Multi-process training under torchrun (aoe.train.distributed); mode none is one process.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         check(isinstance(self.name, str) and self.name != "" and "/" not in self.name, "name", self.name,

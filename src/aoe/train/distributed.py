@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,11 +43,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from aoe.config_utils import check, check_choice
-from aoe.layers.expert_parallel import ExpertParallelBank, shard_experts, sharded_expert_params
+from aoe.layers.expert_parallel import shard_experts, sharded_expert_params
+from aoe.layers.routing import RoutingStats
 
 log = logging.getLogger(__name__)
 
 PARALLEL_MODES = ("none", "ddp", "fsdp", "ep")
+# Sub-folder of a checkpoint that holds the DCP files of a multi-process run.
+DCP_DIR = "dcp"
 BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -79,6 +84,8 @@ class DistributedContext:
     local_rank: int
     backend: str | None
     device: torch.device
+    # Whether init_distributed started the process group (and close_distributed ends it).
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -130,17 +137,17 @@ def init_distributed(parallel: ParallelConfig, device: torch.device | str = "cpu
     if world_size == 1:
         return DistributedContext(0, 1, 0, None, device)
 
+    if dist.is_initialized():
+        return DistributedContext(rank, world_size, local_rank, dist.get_backend(), device)
     backend = resolve_backend(parallel.backend, device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=parallel.timeout_s),
-                                device_id=device if device.type == "cuda" else None)
-    else:
-        backend = dist.get_backend()
-    return DistributedContext(rank, world_size, local_rank, backend, device)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=parallel.timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    return DistributedContext(rank, world_size, local_rank, backend, device, owns_group=True)
 
 
 def close_distributed(context: DistributedContext) -> None:
-    if context.distributed and dist.is_initialized():
+    """End the process group if ``init_distributed`` started it."""
+    if context.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -317,6 +324,33 @@ class Parallelism:
         dist.all_reduce(tensor)
         return float(tensor) / self.world_size
 
+    def mean_values(self, *values: float) -> list[float]:
+        """Means over the ranks of several Python numbers, in one collective."""
+        if not self.distributed:
+            return [float(v) for v in values]
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.context.device)
+        dist.all_reduce(tensor)
+        return (tensor / self.world_size).tolist()
+
+    def sum_routing(self, routing: list[RoutingStats | None]) -> list[RoutingStats | None]:
+        """Per-layer routing counters summed over the ranks, in one collective (they are sums, so they add)."""
+        if not self.distributed or not routing:
+            return routing
+        tensors = [t for stats in routing if stats is not None for t in stats.as_tuple()]
+        if not tensors:
+            return routing
+        # shape: (total elements,) float64 holds the integer counts exactly
+        flat = torch.cat([t.reshape(-1).double() for t in tensors])
+        dist.all_reduce(flat)
+        chunks = iter(torch.split(flat, [t.numel() for t in tensors]))
+        summed: list[RoutingStats | None] = []
+        for stats in routing:
+            if stats is None:
+                summed.append(None)
+                continue
+            summed.append(RoutingStats(*(next(chunks).view_as(t).to(t.dtype) for t in stats.as_tuple())))
+        return summed
+
     def gather_objects(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order (picklable objects only)."""
         if not self.distributed:
@@ -427,7 +461,7 @@ def save_dcp(directory: str | Path, parallel: Parallelism, optimizer: torch.opti
     """Write the model and optimizer with torch.distributed.checkpoint into ``directory`` (all ranks call this)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(parallel.dcp_state(optimizer), checkpoint_id=str(directory))
+    dcp.save(parallel.dcp_state(optimizer), checkpoint_id=str(directory), no_dist=not parallel.distributed)
 
 
 def load_dcp(directory: str | Path, parallel: Parallelism, optimizer: torch.optim.Optimizer | None) -> None:
@@ -435,5 +469,154 @@ def load_dcp(directory: str | Path, parallel: Parallelism, optimizer: torch.opti
     import torch.distributed.checkpoint as dcp
 
     state = parallel.dcp_state(optimizer)
-    dcp.load(state, checkpoint_id=str(directory))
+    dcp.load(state, checkpoint_id=str(directory), no_dist=not parallel.distributed)
     parallel.load_dcp_state(state, optimizer)
+
+
+# ----- the trainer's checkpoint layout -----------------------------------------------------
+
+
+def save_distributed_checkpoint(run_dir: str | Path, step: int, parallel: Parallelism, optimizer: torch.optim.Optimizer,
+                                state: dict[str, Any], state_tensors: dict[str, torch.Tensor], keep_last: int) -> Path:
+    """Write checkpoint ``step`` of a multi-process run in the layout of ``aoe.train.checkpoint``; all ranks call this.
+
+    The model and optimizer go to DCP files under dcp/, which any world size can load.
+    model.safetensors still holds the whole model (gathered), so that ``load_model`` and the
+    evaluation tools read it like any checkpoint; optimizer.json records that the optimizer
+    state lives in dcp/. The folder appears under its final name only when complete.
+    """
+    from aoe.train import checkpoint as ckpt
+
+    root = ckpt.checkpoint_root(run_dir)
+    final = root / ckpt.step_dir_name(step)
+    # Every rank writes its DCP shard into the same temporary folder, named by rank 0.
+    names = [f".tmp-{final.name}-{os.getpid()}"]
+    if parallel.distributed:
+        dist.broadcast_object_list(names, src=0)
+    tmp = root / names[0]
+    if parallel.context.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    parallel.barrier()
+
+    save_dcp(tmp / DCP_DIR, parallel, optimizer)
+    full_model = parallel.full_state_dict()
+    if parallel.context.is_main:
+        rng_json, rng_tensors = ckpt.rng_state()
+        ckpt._save_tensors(tmp / ckpt.MODEL_FILE, _unshared(full_model))
+        ckpt._save_tensors(tmp / ckpt.OPTIMIZER_TENSORS, {})
+        ckpt._write_json(tmp / ckpt.OPTIMIZER_JSON, {"format": "dcp", "path": DCP_DIR,
+                                                     "world_size": parallel.world_size, "mode": parallel.mode})
+        ckpt._save_tensors(tmp / ckpt.STATE_TENSORS, {**state_tensors, **rng_tensors})
+        ckpt._write_json(tmp / ckpt.STATE_JSON, {**state, "step": step, "rng": rng_json})
+        names = [*ckpt.REQUIRED_FILES, *sorted(str(p.relative_to(tmp)) for p in (tmp / DCP_DIR).rglob("*") if p.is_file())]
+        files = {name: {"sha256": ckpt.sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
+        ckpt._write_json(tmp / ckpt.MANIFEST, {"format": ckpt.FORMAT_VERSION, "step": step, "files": files})
+        for folder in (tmp / DCP_DIR, tmp):
+            ckpt._fsync_dir(folder)
+        if final.exists():
+            # A checkpoint of this step that failed verification earlier: rename cannot replace
+            # a non-empty folder, so it moves aside first.
+            trash = root / f".trash-{final.name}-{os.getpid()}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash)
+        else:
+            os.rename(tmp, final)
+        ckpt._fsync_dir(root)
+        ckpt.prune_checkpoints(run_dir, keep_last)
+    parallel.barrier()
+    return final
+
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy tensors that share storage with an earlier one (a tied head), which safetensors rejects."""
+    result: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        key = tensor.untyped_storage().data_ptr()
+        result[name] = tensor.clone() if key in seen else tensor
+        seen.add(key)
+    return result
+
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / DCP_DIR / ".metadata").is_file()
+
+
+def load_any_checkpoint(checkpoint, parallel: Parallelism, optimizer: torch.optim.Optimizer | None,
+                        restore_rng: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load a single-process or a DCP checkpoint into this run, whatever its world size; return the trainer state.
+
+    Same return value as ``aoe.train.checkpoint.load_checkpoint``.
+    """
+    from safetensors.torch import load_file
+
+    from aoe.train import checkpoint as ckpt
+
+    path = Path(checkpoint.path)
+    if not is_dcp_checkpoint(path):
+        if parallel.mode in ("fsdp", "ep"):
+            raise NotImplementedError(
+                f"resuming the single-process checkpoint {path} with parallel.mode={parallel.mode!r} is not supported "
+                "because its optimizer state is not sharded by name; resume it with parallel.mode='ddp' or 'none'")
+        return ckpt.load_checkpoint(checkpoint, parallel.model, optimizer, restore_rng)
+
+    load_dcp(path / DCP_DIR, parallel, optimizer)
+    state = json.loads((path / ckpt.STATE_JSON).read_text())
+    state_tensors = load_file(str(path / ckpt.STATE_TENSORS))
+    if restore_rng:
+        ckpt.set_rng_state(state["rng"], state_tensors)
+    return state, {key: value for key, value in state_tensors.items() if not key.startswith("rng.")}
+
+
+# ----- data-loader state -------------------------------------------------------------------
+
+
+def gather_loader_states(parallel: Parallelism, loader_state: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's loader state, for the checkpoint: rank 0's fields plus the list of all ranks'."""
+    return {**loader_state, "ranks": parallel.gather_objects(loader_state)}
+
+
+def resume_loader(loader, saved: dict[str, Any]) -> None:
+    """Continue ``loader`` (an ``aoe.data.loader.PackedLoader``) from a checkpoint's loader state.
+
+    At the world size and batch size of the save, each rank takes its own state, so the run
+    repeats exactly. Otherwise the run continues from the same place in the epoch's window order:
+    PackedLoader's step b at world size W and batch size B covers positions [b*B*W, (b+1)*B*W)
+    of that order across the ranks, so the saved position converts to the new W and B. The
+    global batch is then B*W of the new run, and no window is repeated or skipped within the epoch.
+    """
+    per_rank = saved.get("ranks") or [saved]
+    rank, world_size = getattr(loader, "rank", 0), getattr(loader, "world_size", 1)
+    if len(per_rank) == world_size and per_rank[0].get("batch_size") == getattr(loader, "batch_size", None):
+        loader.load_state_dict(per_rank[rank])
+        return
+    if len(per_rank) == world_size == 1:
+        # A loader without PackedLoader's fields (a test stand-in) resumes from its own state.
+        loader.load_state_dict(per_rank[0])
+        return
+
+    state = dict(per_rank[0])
+    position = state["batch_in_epoch"] * state["batch_size"] * state["world_size"]
+    windows_per_step = loader.batch_size * loader.world_size
+    if position % windows_per_step != 0:
+        raise ValueError(
+            f"cannot resume the data order: the checkpoint is {position} windows into epoch {state['epoch']}, "
+            f"which is not a whole number of steps of {windows_per_step} windows (batch size {loader.batch_size} "
+            f"x world size {loader.world_size}); resume with a batch size and world size whose product divides {position}")
+    batch_in_epoch = position // windows_per_step
+    epoch = state["epoch"]
+    if batch_in_epoch >= loader.batches_per_epoch:
+        epoch, batch_in_epoch = epoch + 1, 0
+    state.update(rank=loader.rank, world_size=loader.world_size, batch_size=loader.batch_size,
+                 epoch=epoch, batch_in_epoch=batch_in_epoch)
+    state.pop("ranks", None)
+    log.warning("resuming the data order saved at world size %d, batch size %d with world size %d, batch size %d: "
+                "epoch %d, step %d of the epoch", len(per_rank), per_rank[0]["batch_size"], loader.world_size,
+                loader.batch_size, epoch, batch_in_epoch)
+    loader.load_state_dict(state)

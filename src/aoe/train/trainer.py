@@ -35,10 +35,19 @@ from aoe.train.checkpoint import (
     clean_partial_writes,
     find_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     save_checkpoint,
 )
 from aoe.train.config import RunConfig, check_data
+from aoe.train.distributed import (
+    DistributedContext,
+    close_distributed,
+    gather_loader_states,
+    init_distributed,
+    load_any_checkpoint,
+    parallelize,
+    resume_loader,
+    save_distributed_checkpoint,
+)
 from aoe.train.metrics import (
     MetricsLog,
     RoutingSums,
@@ -57,7 +66,9 @@ log = logging.getLogger("aoe.train")
 
 # Config fields that may change between a run and its resumption without changing any result.
 RESUMABLE_CHANGES = {"train.log_interval", "train.progress", "train.tensorboard", "checkpoint.keep_last",
-                     "checkpoint.interval", "checkpoint.resume", "train.peak_flops"}
+                     "checkpoint.interval", "checkpoint.resume", "train.peak_flops",
+                     # A DCP checkpoint resumes at any world size and parallel mode.
+                     "parallel.mode", "parallel.backend", "parallel.reshard_after_forward", "parallel.timeout_s"}
 
 
 class NonFiniteError(RuntimeError):
@@ -164,13 +175,14 @@ class DataSources:
     val_batches: list[Any]
 
 
-def open_data(config: RunConfig) -> DataSources:
-    """Open the train loader and the fixed validation batches of the prepared data folder."""
+def open_data(config: RunConfig, rank: int = 0, world_size: int = 1) -> DataSources:
+    """Open the train loader (this rank's disjoint share of the windows) and the fixed validation batches."""
     from aoe.data.loader import PackedLoader, TokenDataset, eval_batches
 
     data = config.data
     train_set = TokenDataset(data.path, split="train")
-    loader = PackedLoader(train_set, batch_size=data.micro_batch_size, seq_len=data.seq_len, seed=data.seed)
+    loader = PackedLoader(train_set, batch_size=data.micro_batch_size, seq_len=data.seq_len, seed=data.seed,
+                          rank=rank, world_size=world_size)
     val = []
     if config.train.eval_batches > 0:
         val_set = TokenDataset(data.path, split="val")
@@ -234,11 +246,17 @@ def _configure_logging(run_dir: Path, progress_bar) -> logging.Handler:
 class _Loop:
     """State of one train() call; split out so that each phase reads as one method."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, device: torch.device, data: DataSources):
+    def __init__(self, config: RunConfig, run_dir: Path, device: torch.device, data: DataSources,
+                 context: DistributedContext | None = None):
         self.config, self.run_dir, self.device, self.data = config, run_dir, device, data
         torch.manual_seed(config.train.seed)
         self.model = Transformer(config.model).to(device)
         self.model.train()
+        # DDP, FSDP2 or expert parallelism; FSDP2 and expert parallelism replace parameters,
+        # so the optimizer is built after this.
+        context = context or DistributedContext(0, 1, 0, None, device)
+        self.parallel = parallelize(self.model, config.parallel, context)
+        self.is_main = context.is_main
         self.optimizer = build_optimizer(self.model, config.optim)
         self.step = 0
         self.tokens_seen = 0
@@ -255,13 +273,13 @@ class _Loop:
         checkpoint = find_checkpoint(self.run_dir)
         if checkpoint is None:
             return False
-        state, tensors = load_checkpoint(checkpoint, self.model, self.optimizer)
+        state, tensors = load_any_checkpoint(checkpoint, self.parallel, self.optimizer)
         assert state["micro_step"] == 0, "checkpoints are written between optimizer steps only"
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.wall_time_before = state["wall_time_s"]
         self.last_loss = state.get("last_loss")
-        self.data.train_loader.load_state_dict(state["loader"])
+        resume_loader(self.data.train_loader, state["loader"])
         layers = self.config.model.n_layers
         self.routing_total = routing_from_tensors("routing.total", tensors, layers, self.device)
         self.routing_window = routing_from_tensors("routing.window", tensors, layers, self.device)
@@ -285,12 +303,16 @@ class _Loop:
             "tokens_seen": self.tokens_seen,
             "wall_time_s": wall_time,
             "last_loss": self.last_loss,
-            "loader": self.data.train_loader.state_dict(),
+            "loader": gather_loader_states(self.parallel, self.data.train_loader.state_dict()),
         }
         tensors = {**routing_to_tensors("routing.total", self.routing_total),
                    **routing_to_tensors("routing.window", self.routing_window)}
-        path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, tensors,
-                               self.config.checkpoint.keep_last)
+        if self.parallel.distributed:
+            path = save_distributed_checkpoint(self.run_dir, self.step, self.parallel, self.optimizer, state, tensors,
+                                               self.config.checkpoint.keep_last)
+        else:
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, tensors,
+                                   self.config.checkpoint.keep_last)
         log.info("saved checkpoint %s", path)
 
     # ----- one step -----
@@ -302,9 +324,15 @@ class _Loop:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = [next(batches) for _ in range(config.data.grad_accum_steps)]
-        self.tokens_seen += sum(b.input_ids.numel() for b in micro_batches)
+        self.tokens_seen += sum(b.input_ids.numel() for b in micro_batches) * self.parallel.world_size
 
-        result = forward_backward(self.model, micro_batches, config.train.precision)
+        result = forward_backward(self.parallel.module, micro_batches, config.train.precision)
+        if self.parallel.distributed:
+            # Every rank logs and decides on the global step: means of the losses, sums of the counts.
+            result.loss, result.ce_loss, result.aux_loss = self.parallel.mean_values(
+                result.loss, result.ce_loss, result.aux_loss)
+            result.num_valid = int(self.parallel.all_reduce_sum(torch.tensor(result.num_valid, device=self.device)))
+            result.routing = self.parallel.sum_routing(result.routing)
         step_number = self.step + 1
         if result.num_valid == 0:
             self.optimizer.zero_grad(set_to_none=True)
@@ -315,7 +343,8 @@ class _Loop:
                                  f"stopped without saving, the newest checkpoint is from before this step")
 
         max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        self.parallel.finish_gradients()
+        grad_norm = self.parallel.clip_grad_norm_(max_norm)
         if not math.isfinite(grad_norm):
             raise NonFiniteError(f"non-finite gradient norm {grad_norm} at step {step_number} (loss {result.loss:.4f}); "
                                  f"stopped without saving, the newest checkpoint is from before this step")
@@ -341,7 +370,9 @@ def train(config: RunConfig, data: DataSources | None = None) -> RunResult:
     if data is None:
         check_data(config)
     run_dir, has_checkpoints = prepare_run_dir(config)
-    device = resolve_device(config.train.device)
+    # Under torchrun this joins the process group, and with CUDA picks cuda:LOCAL_RANK.
+    context = init_distributed(config.parallel, resolve_device(config.train.device))
+    device = context.device
 
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     previous_threads = torch.get_num_threads()
@@ -353,17 +384,20 @@ def train(config: RunConfig, data: DataSources | None = None) -> RunResult:
     metrics_log = None
     bar = None
     try:
-        data = data if data is not None else open_data(config)
-        loop = _Loop(config, run_dir, device, data)
+        data = data if data is not None else open_data(config, context.rank, context.world_size)
+        loop = _Loop(config, run_dir, device, data, context)
         if has_checkpoints and config.checkpoint.resume:
             loop.resume()
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.schedule.max_steps, initial=loop.step, disable=not config.train.progress,
+        # Only rank 0 reports and writes the run folder's files; the other ranks compute.
+        bar = tqdm(total=config.schedule.max_steps, initial=loop.step,
+                   disable=not (config.train.progress and context.is_main),
                    desc=config.name, unit="step", dynamic_ncols=True, file=sys.stderr)
-        handlers = _configure_logging(run_dir, bar if config.train.progress else None)
-        metrics_log = MetricsLog(run_dir, loop.step, config.train.tensorboard)
+        if context.is_main:
+            handlers = _configure_logging(run_dir, bar if config.train.progress else None)
+        metrics_log = MetricsLog(run_dir, loop.step, config.train.tensorboard, final_step=config.schedule.max_steps) if context.is_main else _NoMetricsLog()
         result = _run_loop(loop, metrics_log, bar)
         return result
     finally:
@@ -376,6 +410,17 @@ def train(config: RunConfig, data: DataSources | None = None) -> RunResult:
             handler.close()
         torch.use_deterministic_algorithms(previous_deterministic)
         torch.set_num_threads(previous_threads)
+        close_distributed(context)
+
+
+class _NoMetricsLog:
+    """The metrics log of ranks other than 0, which write nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _run_loop(loop: _Loop, metrics_log: MetricsLog, bar) -> RunResult:
@@ -440,8 +485,9 @@ def _run_loop(loop: _Loop, metrics_log: MetricsLog, bar) -> RunResult:
 
     tokens_per_s = session_tokens / session_train_time if session_train_time > 0 else None
     summary = _summary(loop, val_metrics, val_routing, wall_time, tokens_per_s, peak, flops_per_token)
-    atomic_write_text(loop.run_dir / "summary.json", json.dumps(summary, indent=1))
-    write_report(loop.run_dir, summary)
+    if loop.is_main:
+        atomic_write_text(loop.run_dir / "summary.json", json.dumps(summary, indent=1))
+        write_report(loop.run_dir, summary)
     log.info("finished %s: final train loss %s, val loss %s, val ppl %s", config.name,
              _maybe(summary["final_train_loss"]), _maybe(summary["val_loss"]), _maybe(summary["val_ppl"]))
     return RunResult(loop.run_dir, summary)
@@ -470,7 +516,8 @@ def _evaluate_and_record(loop: _Loop, metrics_log: MetricsLog, final: bool = Fal
     routing = {"train": loop.routing_history}
     if final:
         routing["val_final"] = {"step": loop.step, "layers": routing_summary(val_routing)}
-    atomic_write_text(loop.run_dir / "routing.json", json.dumps(routing, indent=1))
+    if loop.is_main:
+        atomic_write_text(loop.run_dir / "routing.json", json.dumps(routing, indent=1))
     return val_metrics, val_routing
 
 
