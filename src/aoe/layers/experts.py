@@ -16,6 +16,13 @@ Paper symbols -> parameters of ``ExpertBank``:
 Pipeline: ``plan_dispatch`` orders the assignments by expert, ``ExpertBank.forward`` runs each
 expert on its contiguous block of rows, and ``combine`` scales the rows by their gate weights
 and sums them back per token.
+
+Expert compute has three implementations with the same outputs and gradients:
+    "grouped"           one grouped GEMM per projection over all experts, the default:
+                        ``torch._grouped_mm`` on CUDA (bf16), ``_CPUGroupedMM`` on CPU
+    "torch_grouped_mm"  ``torch._grouped_mm`` on any device; torch 2.13 has a CPU kernel too,
+                        which lets tests check the CUDA code path on CPU
+    "loop"              a Python loop over experts, one matmul per projection: the reference path
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import torch.nn.functional as F
 from aoe.layers.routing import Selection
 
 Tensor = torch.Tensor
+
+EXPERT_IMPLEMENTATIONS = ("grouped", "torch_grouped_mm", "loop")
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,10 @@ def combine(rows_ND: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
 
 class ExpertBank(nn.Module):
     """E SwiGLU experts, E_i(x) = (SiLU(gate_i(x)) * x W_p^i) W_o^i, with an optional factorised gate."""
+
+    # One of EXPERT_IMPLEMENTATIONS; all give the same outputs and gradients. A class
+    # attribute, so that subclasses that skip __init__ have it too.
+    implementation: str = "grouped"
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, d_low: int | None = None,
                  init_std: float = 0.02, out_init_std: float | None = None):
@@ -111,6 +124,19 @@ class ExpertBank(nn.Module):
 
     def forward(self, x_ND: Tensor, counts: Tensor, gate_low_NL: Tensor | None = None) -> Tensor:
         """Run every expert on its contiguous block of the expert-sorted rows ``x_ND``."""
+        if x_ND.shape[0] == 0:
+            return x_ND.new_zeros(0, self.d_model)
+        if self.implementation not in EXPERT_IMPLEMENTATIONS:
+            raise ValueError(f"invalid ExpertBank.implementation={self.implementation!r}: "
+                             f"expected one of {EXPERT_IMPLEMENTATIONS}")
+        if self.implementation == "torch_grouped_mm":
+            return self.forward_grouped(x_ND, counts, gate_low_NL, use_torch_kernel=True)
+        if self.implementation == "grouped" and grouped_mm_supported(x_ND, self.d_model, self.hidden, self.d_low):
+            return self.forward_grouped(x_ND, counts, gate_low_NL)
+        return self.forward_loop(x_ND, counts, gate_low_NL)
+
+    def forward_loop(self, x_ND: Tensor, counts: Tensor, gate_low_NL: Tensor | None = None) -> Tensor:
+        """The reference path: one ``expert_forward`` per expert with rows."""
         # NOTE: the block sizes must be known on the host to slice; on CPU this costs nothing.
         sizes = counts.tolist()
         x_blocks = torch.split(x_ND, sizes)
@@ -125,6 +151,138 @@ class ExpertBank(nn.Module):
         # NOTE: experts without rows do no compute. Because the weights are stacked tensors,
         # those experts' slices still get a .grad (of zeros) whenever any expert ran.
         return torch.cat(outputs, dim=0)
+
+    def forward_grouped(self, x_ND: Tensor, counts: Tensor, gate_low_NL: Tensor | None = None,
+                        use_torch_kernel: bool | None = None) -> Tensor:
+        """All experts at once: each projection is one grouped GEMM over the expert blocks.
+
+        Autograd writes each weight's gradient once into a stacked (E, ., .) tensor, where the
+        loop's per-expert indexing builds and sums one full-size gradient per expert.
+        """
+        # shape: (E,) int32 end row of each expert's block, the layout grouped_mm expects
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        # Grouped GEMMs are not autocast-aware, so the cast autocast would apply to a matmul is done here.
+        dtype = _matmul_dtype(x_ND)
+        x_ND = x_ND.to(dtype)
+
+        if self.factorized:
+            if gate_low_NL is None:
+                # shape: (N, L); W_down as (E, D, L), one expert's block of columns per group
+                gate_low_NL = grouped_mm(x_ND, self.w_gate_down.transpose(0, 1).to(dtype), offsets, use_torch_kernel)
+            # shape: (N, H)
+            gate_NH = grouped_mm(gate_low_NL.to(dtype), self.w_gate_up.to(dtype), offsets, use_torch_kernel)
+        else:
+            gate_NH = grouped_mm(x_ND, self.w_gate.to(dtype), offsets, use_torch_kernel)
+        # shape: (N, H)
+        hidden_NH = F.silu(gate_NH) * grouped_mm(x_ND, self.w_proj.to(dtype), offsets, use_torch_kernel)
+        # shape: (N, D)
+        return grouped_mm(hidden_NH, self.w_out.to(dtype), offsets, use_torch_kernel)
+
+
+def _matmul_dtype(x: Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def grouped_mm_supported(x: Tensor, *widths: int | None) -> bool:
+    """Whether ``grouped_mm`` runs for this device and dtype; the widths matter on CUDA only."""
+    dtype = _matmul_dtype(x)
+    if x.device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16)
+    if x.device.type == "cuda" and hasattr(torch, "_grouped_mm"):
+        # NOTE: the CUDA kernel wants bf16, SM80 or newer, and rows whose byte length is a
+        # multiple of 16 (8 bf16 values). Untested here: no GPU was available when this was written.
+        aligned = all(w is None or w % 8 == 0 for w in widths)
+        return dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
+def grouped_mm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, use_torch_kernel: bool | None = None) -> Tensor:
+    """Multiply each expert's block of rows by that expert's matrix: (N, I) x (E, I, O) -> (N, O).
+
+    ``offsets_E`` holds the end row of each expert's block. ``use_torch_kernel`` picks
+    ``torch._grouped_mm`` with its own autograd (the default on CUDA) or ``_CPUGroupedMM`` (the
+    default on CPU, and the fallback for operands whose row strides the CPU kernel rejects).
+    """
+    if use_torch_kernel is None:
+        use_torch_kernel = x_NI.device.type == "cuda"
+    x_NI = x_NI.contiguous()
+    if use_torch_kernel and (x_NI.device.type == "cuda" or _strides_fit_torch_kernel(x_NI, w_EIO)):
+        return torch._grouped_mm(x_NI, w_EIO, offs=offsets_E)
+    return _CPUGroupedMM.apply(x_NI, w_EIO, offsets_E)
+
+
+def _strides_fit_torch_kernel(x_NI: Tensor, w_EIO: Tensor) -> bool:
+    """Whether the CPU ``torch._grouped_mm`` accepts these operands: 16-byte aligned rows, in and out."""
+    size = x_NI.element_size()
+    strides = [*x_NI.stride(), *w_EIO.stride(), w_EIO.shape[-1]]
+    return all(stride == 1 or stride * size % 16 == 0 for stride in strides) and \
+        all(t.data_ptr() % 16 == 0 for t in (x_NI, w_EIO))
+
+
+def _cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # On a CPU without bf16 matrix units (no AVX512-BF16 or AMX), torch's bf16 GEMM runs about
+    # 100x slower than its fp32 GEMM. There bf16 operands are multiplied in fp32 and the product
+    # is rounded to bf16, as the bf16 kernel itself rounds its fp32 accumulator.
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.float32
+    return dtype
+
+
+def _grouped_kernel(a_NI: Tensor, b_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+    """(N, I) x (E, I, O) -> (N, O) without autograd, one mm per expert into one output buffer.
+
+    On CPU ``torch._grouped_mm`` (torch 2.13) returns bit-identical results, and rejects row
+    strides that are not a multiple of 16 bytes, such as AoE's matched d_wide of 4393.
+    """
+    out = a_NI.new_empty(a_NI.shape[0], b_EIO.shape[-1])
+    start = 0
+    for expert, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            torch.mm(a_NI[start:end], b_EIO[expert], out=out[start:end])
+        start = end
+    return out
+
+
+def _grouped_weight_grad(a_NI: Tensor, g_NO: Tensor, offsets_E: Tensor, num_experts: int) -> Tensor:
+    """Per expert, a_block^T @ g_block: (N, I), (N, O) -> (E, I, O); experts without rows get zeros."""
+    grad = a_NI.new_zeros(num_experts, a_NI.shape[1], g_NO.shape[1])
+    start = 0
+    for expert, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            torch.mm(a_NI[start:end].t(), g_NO[start:end], out=grad[expert])
+        start = end
+    return grad
+
+
+class _CPUGroupedMM(torch.autograd.Function):
+    """Grouped GEMM on CPU; bf16 operands are multiplied in fp32 where the CPU has no bf16 units.
+
+    Saves its operands in their own dtype, never fp32 copies of bf16 tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+        ctx.save_for_backward(x_NI, w_EIO, offsets_E)
+        compute = _cpu_compute_dtype(x_NI.dtype)
+        out = _grouped_kernel(x_NI.to(compute), w_EIO.to(compute), offsets_E)
+        return out.to(x_NI.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_NO: Tensor):
+        x_NI, w_EIO, offsets_E = ctx.saved_tensors
+        compute = _cpu_compute_dtype(x_NI.dtype)
+        grad_NO = grad_NO.to(compute).contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # shape: (N, I)
+            grad_x = _grouped_kernel(grad_NO, w_EIO.to(compute).transpose(-2, -1), offsets_E).to(x_NI.dtype)
+        if ctx.needs_input_grad[1]:
+            # shape: (E, I, O)
+            grad_w = _grouped_weight_grad(x_NI.to(compute), grad_NO, offsets_E, w_EIO.shape[0]).to(w_EIO.dtype)
+        return grad_x, grad_w, None
 
 
 class DenseSwiGLU(nn.Module):
