@@ -1,0 +1,137 @@
+"""Timing and memory measurement for CPU benchmarks that share the machine with other work.
+
+Timing: every case runs once to warm up, then the cases run round-robin ``repeats`` times and
+each keeps the median. Interleaving spreads load from other processes over all cases alike, so
+ratios between cases measured in one run are more stable than their absolute rates.
+
+Memory: resident set size (RSS) sampled from /proc/self/statm by a background thread every
+0.5 ms while one step runs. glibc's mmap threshold is pinned at 64 KiB first, so that every
+tensor buffer is its own mapping, is returned to the OS when freed, and RSS follows live
+tensor memory instead of the allocator's cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+MMAP_THRESHOLD_BYTES = 64 * 1024
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def pin_malloc_mmap_threshold() -> bool:
+    """Pin glibc's mmap threshold so freed tensors leave RSS; returns False where that is not possible."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except OSError:
+        return False
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE_BYTES
+
+
+class PeakRSS:
+    """Context manager that records the peak RSS above the RSS at entry, in bytes."""
+
+    def __init__(self, interval_s: float = 0.0005):
+        self.interval_s = interval_s
+        self.baseline = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> "PeakRSS":
+        gc.collect()
+        self.baseline = self.peak = current_rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.baseline
+
+
+def peak_memory_of(step: Callable[[], None]) -> int:
+    """Bytes the step adds to RSS at its peak."""
+    with PeakRSS() as meter:
+        step()
+    return meter.delta
+
+
+@dataclass
+class Case:
+    """One thing to time: ``step`` runs it once; the counts turn a time into rates."""
+
+    name: str
+    step: Callable[[], None]
+    flops: float = 0.0  # per step
+    tokens: int = 0  # per step
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.flops / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def time_interleaved(cases: list[Case], repeats: int, desc: str) -> None:
+    """Warm up each case once, then time all cases round-robin ``repeats`` times."""
+    total = len(cases) * (repeats + 1)
+    with tqdm(total=total, desc=desc, leave=False) as progress:
+        for case in cases:
+            case.step()
+            progress.update()
+        for _ in range(repeats):
+            for case in cases:
+                start = time.perf_counter()
+                case.step()
+                case.times.append(time.perf_counter() - start)
+                progress.update()
+
+
+def matmul_case(dtype: torch.dtype, size: int, layout: str = "nn", name: str | None = None) -> Case:
+    """A square dense matmul; ``layout`` "nt" multiplies by a transposed view, as ``F.linear`` does."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(dtype)
+    b = torch.randn(size, size, generator=gen).to(dtype)
+    if layout == "nt":
+        b = b.t()
+    elif layout != "nn":
+        raise ValueError(f"invalid layout {layout!r}: expected 'nn' or 'nt'")
+
+    def step() -> None:
+        torch.matmul(a, b)
+
+    return Case(name or f"matmul {size} {layout}", step, flops=2.0 * size**3)
