@@ -28,7 +28,8 @@ def tiny_moe() -> Transformer:
 def test_svd_full_rank_reproduces_gate():
     w = torch.randn(D_MODEL, D_FFN, generator=torch.Generator().manual_seed(0))
     down, up = svd_factorize(w, D_FFN)
-    assert down.shape == (D_MODEL, D_FFN) and up.shape == (D_FFN, D_FFN)
+    assert down.shape == (D_MODEL, D_FFN)
+    assert up.shape == (D_FFN, D_FFN)
     torch.testing.assert_close(down @ up, w, rtol=1e-5, atol=1e-5)
 
 
@@ -57,7 +58,8 @@ def test_full_rank_converted_expert_equals_original():
     for layer in range(2):
         original_bank: ExpertBank = moe.layers[layer].ffn.experts
         aoe_bank: ExpertBank = converted.layers[layer].ffn.experts
-        assert aoe_bank.factorized and aoe_bank.hidden == D_FFN
+        assert aoe_bank.factorized
+        assert aoe_bank.hidden == D_FFN
         for e in range(EXPERTS):
             with torch.no_grad():
                 expected = original_bank.expert_forward(e, x)
@@ -69,7 +71,9 @@ def test_full_rank_converted_expert_equals_original():
 def test_converted_model_keeps_non_expert_weights():
     moe = tiny_moe()
     aoe_config, aoe_state = moe_to_aoe(moe.config, moe.state_dict(), 8)
-    assert aoe_config.ffn.kind == "aoe" and aoe_config.ffn.d_wide == D_FFN and aoe_config.ffn.d_low == 8
+    assert aoe_config.ffn.kind == "aoe"
+    assert aoe_config.ffn.d_wide == D_FFN
+    assert aoe_config.ffn.d_low == 8
     assert not any(".router." in name for name in aoe_state)
     for name, value in moe.state_dict().items():
         if ".ffn." not in name:

@@ -54,9 +54,8 @@ def svd_factorize(w_gate_DH: Tensor, d_low: int) -> tuple[Tensor, Tensor]:
 # ----- Hugging Face Mixtral -> aoe MoE ---------------------------------------------------------
 
 
-def hf_mixtral_to_moe(model: nn.Module) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """Map a transformers ``MixtralForCausalLM`` onto an aoe MoE Transformer's config and state dict."""
-    cfg = model.config
+def check_mixtral_supported(cfg) -> None:
+    """Raise unless a transformers Mixtral config describes a model that aoe's decoder can run exactly."""
     if cfg.model_type != "mixtral":
         raise ValueError(f"invalid model_type={cfg.model_type!r}: conversion from Hugging Face supports 'mixtral'")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -69,6 +68,13 @@ def hf_mixtral_to_moe(model: nn.Module) -> tuple[ModelConfig, dict[str, Tensor]]
     rope = cfg.rope_parameters or {}
     if rope.get("rope_type", "default") != "default":
         raise NotImplementedError(f"rope_type={rope.get('rope_type')!r} is not supported; aoe's decoder uses plain RoPE")
+
+
+def hf_mixtral_to_moe(model: nn.Module) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Map a transformers ``MixtralForCausalLM`` onto an aoe MoE Transformer's config and state dict."""
+    cfg = model.config
+    check_mixtral_supported(cfg)
+    rope = cfg.rope_parameters or {}
     config = ModelConfig(
         vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
         max_seq_len=cfg.max_position_embeddings,

@@ -2,9 +2,8 @@
 
 Writes one AoE model folder per ``--d-low`` (OUT itself for one value, OUT/dlow_<L> for several).
 With ``--corpus`` it also measures held-out perplexity of the source model and of each converted
-model; with ``--train-tokens`` and ``--steps`` it then continues pre-training each converted
-model (and, with ``--train-original``, the source MoE for the same steps, as a control) and
-measures again. ``--report`` writes the results into a section of a markdown report.
+model. With ``--train-tokens`` and ``--steps`` it then continues pre-training each converted
+model and measures again. ``--train-original`` trains the source MoE for the same steps, as a control. ``--report`` writes the results into a section of a markdown report.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def load_aoe_folder(path: str | Path) -> nn.Module:
 
 
 def load_tokenizer_for(path: Path):
-    """The tokenizer stored with a model folder (in the folder itself or in ``tokenizer/``), or None."""
+    """Load the tokenizer stored with a model folder (in the folder itself or in ``tokenizer/``); None if there is none."""
     from transformers import AutoTokenizer
 
     for candidate in (path / "tokenizer", path):
@@ -69,7 +69,7 @@ def load_causal_lm(path: str | Path) -> tuple[nn.Module, object]:
 
 
 def read_text_documents(path: Path) -> list[str]:
-    """One document per file; novels are UTF-8 with a BOM and CRLF line endings, so both are removed."""
+    """Read one document per file. Novels are UTF-8 with a BOM and CRLF line endings, and both are removed."""
     files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"no .txt files in {path}")

@@ -11,8 +11,8 @@ held-out set from another domain. The output folder is a Hugging Face model fold
 - ``tokens/train.npy`` and ``tokens/val.npy``: the tokenized corpus splits (uint16), each
   document written as BOS + tokens + EOS.
 
-The tokenizer is a byte-level BPE trained on the training novels only; a small vocabulary keeps
-the output head, the largest matmul of a 256-wide model, cheap on a CPU.
+The tokenizer is a byte-level BPE trained on the training novels only. Its small vocabulary keeps
+the output head cheap on a CPU, because the head is the largest matmul of a 128-wide model.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         window = sample_windows(train_tokens, cfg.batch_size, cfg.seq_len, rng)
         output = model(input_ids=window[:, :-1], labels=window[:, :-1].clone())
         # HF shifts labels itself, so passing input_ids as labels trains next-token prediction;
-        # window[:, -1] is then unused, which costs one token in 257.
+        # window[:, -1] is then unused, which costs one token in seq_len + 1.
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

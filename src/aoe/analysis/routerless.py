@@ -4,7 +4,7 @@ Shape legend:
     T  tokens        D  hidden size      E  experts
     I  expert width  K  experts per token    W  width of the node activation (I, or D for "output")
 
-The experiment asks whether the experts of a trained router MoE "know" which tokens suit them.
+The experiment tests whether the experts of a trained router MoE "know" which tokens suit them.
 Each sparse MoE block's router decision is replaced, without touching a weight:
 
     node   -> every expert computes its forward pass up to ``node`` for every token
@@ -73,7 +73,7 @@ class ExpertWeights:
 
 @dataclass(frozen=True)
 class BlockAdapter:
-    """What the router-free forward needs to know about one architecture's sparse MoE block."""
+    """The parts of one architecture's sparse MoE block that the router-free forward uses."""
 
     experts: ExpertWeights
     router_logits: Callable[[Tensor], Tensor]  # x (T, D) -> logits (T, E)
@@ -286,7 +286,7 @@ def _patched_forward(block: nn.Module, adapter: BlockAdapter, node: str, norm: s
 
 
 def _aoe_routing_output(x_TD: Tensor, weight_TK: Tensor, idx_TK: Tensor, adapter: BlockAdapter, valid_mask: Tensor | None):
-    """An aoe ``RoutingOutput`` for the patched block: no auxiliary loss, statistics of the new choice."""
+    """Build the aoe ``RoutingOutput`` of a patched block: no auxiliary loss, and statistics of the new choice."""
     from aoe.layers.moe import RoutingOutput
     from aoe.layers.routing import Selection, routing_stats
 

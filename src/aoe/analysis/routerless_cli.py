@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", nargs="+", default=[], metavar="[NAME=]PATH",
                         help="held-out text for perplexity: .npy token files, text files or folders of .txt files")
     parser.add_argument("--tasks", nargs="+", default=[], help="lm-eval tasks, run through aoe's evaluation bridge")
-    parser.add_argument("--task-data", default="/work/shared/data/eval", help="folder with the local task files")
+    parser.add_argument("--task-data", default="/work/shared/data/eval", help="folder with the local task files (default: the shared evaluation data)")
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens per corpus (default: 8192)")
     parser.add_argument("--seq-len", type=int, default=128, help="window length in tokens (default: 128)")
@@ -43,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out-json", default=None, help="write the results here (default: MODEL/routerless.json)")
     parser.add_argument("--report", default=None, help="markdown file whose router-free section is (re)written")
-    parser.add_argument("--figure", default=None, help="bar chart PNG (default: beside --report, routerless.png)")
+    parser.add_argument("--section", default="routerless",
+                        help="name of the report section to (re)write, so several runs can share one report")
+    parser.add_argument("--figure", default=None,
+                        help="bar chart PNG (default: figures/<section>.png beside --report)")
 
 
 def parse_corpora(specs: list[str]) -> dict[str, str]:
@@ -75,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out_json, json.dumps(result, indent=1))
     print(format_table(result))
     if args.report:
-        figure = Path(args.figure or Path(args.report).parent / "figures" / "routerless.png")
+        figure = Path(args.figure or Path(args.report).parent / "figures" / f"{args.section}.png")
         plot_grid(result, figure)
-        update_report_section(Path(args.report), "routerless", report_section(result, figure, Path(args.report)))
+        update_report_section(Path(args.report), args.section, report_section(result, figure, Path(args.report)))
         print(f"wrote {args.report} and {figure}")
     print(f"wrote {out_json}")
     return 0
@@ -106,7 +109,7 @@ def run_grid(model, settings, corpora, args, tokenizer) -> list[dict]:
 
 
 def scoring_lm(model, tokenizer, batch_size: int):
-    """An lm-eval model over ``model``'s current forward, so that a routerless patch applies to it."""
+    """Wrap ``model``'s current forward as an lm-eval model, so that a routerless patch applies to it."""
     from aoe.analysis.heldout import model_logits
     from aoe.eval.lm import ScoringLM, hf_tokenizer_spec
 
@@ -141,12 +144,6 @@ def task_accuracy(model, tokenizer, args) -> dict[str, float]:
 # ----- report ------------------------------------------------------------------------------
 
 
-def _row_name(row: dict) -> str:
-    if row["node"] in NODES:
-        return f"{row['label']} ({NORM_LABELS[row['norm']]})"
-    return row["label"]
-
-
 def format_table(result: dict) -> str:
     corpora = list(result["corpora"])
     tasks = sorted({t for row in result["rows"] for t in row["accuracy"]})
@@ -170,6 +167,7 @@ def plot_grid(result: dict, path: Path) -> None:
 
     corpora = list(result["corpora"])
     if not corpora:
+        # NOTE: a task-only run has no perplexity to plot and writes no figure.
         return
     rows = result["rows"]
     nodes = [n for n in NODES if any(r["node"] == n for r in rows)]
@@ -200,15 +198,20 @@ def plot_grid(result: dict, path: Path) -> None:
 def report_section(result: dict, figure: Path, report: Path) -> str:
     corpora = ", ".join(f"{name} ({tokens} tokens)" for name, tokens in result["corpora"].items())
     relative = figure.relative_to(report.parent) if figure.is_relative_to(report.parent) else figure
-    return "\n".join([
-        f"Model: `{result['model']}`. Held-out perplexity on {corpora}, windows of {result['seq_len']} tokens. "
+    measured = f"Held-out perplexity on {corpora}, windows of {result['seq_len']} tokens. " if corpora else ""
+    lines = [
+        f"Model: `{result['model']}`. {measured}"
         f"Seconds: wall-clock time of each setting's evaluation on {result['threads']} CPU thread(s) of a shared "
         "machine, so compare them with each other only.",
         "",
         format_table(result),
-        "",
-        f"![router-free perplexity]({relative})",
-    ])
+    ]
+    if result["tasks"]:
+        limit = f"at most {result['limit']} examples per task" if result["limit"] else "all examples"
+        lines += ["", f"Accuracy in percent on {', '.join(result['tasks'])} ({limit}, aoe's local task files)."]
+    if result["corpora"]:
+        lines += ["", f"![router-free perplexity]({relative})"]
+    return "\n".join(lines)
 
 
 def update_report_section(path: Path, name: str, body: str) -> None:
