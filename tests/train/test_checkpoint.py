@@ -49,9 +49,6 @@ def save(tmp_path, step, model, optimizer, keep_last=5):
 def test_round_trip_is_exact(tmp_path):
     config, model, optimizer = trained_pair(tmp_path)
     path = save(tmp_path, 7, model, optimizer)
-    torch.manual_seed(0)
-    torch.rand(3)
-    expected_next = torch.rand(5)
 
     fresh_model = Transformer(config.model)
     fresh_optimizer = build_optimizer(fresh_model, config.optim)
@@ -70,9 +67,6 @@ def test_round_trip_is_exact(tmp_path):
     for index, entry in original["state"].items():
         for key, value in entry.items():
             assert torch.equal(value, restored["state"][index][key]), (index, key)
-    # The RNG state is the one at save time (seed 0 advanced by rand(3)? no: saved before that).
-    torch.manual_seed(0)
-    assert not torch.equal(torch.rand(5), expected_next) or True
 
 
 def test_rng_state_restored(tmp_path):

@@ -80,9 +80,11 @@ def test_cli_trains_then_resumes_finished_run(tmp_path, prepared_data, capsys):
     first = losses(run_dir)
     assert sorted(first) == [1, 2, 3, 4, 5, 6]
     assert json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"] == 300
-    # The same command again finds the finished run and only rewrites the summary.
+    records = (run_dir / "metrics.jsonl").read_text()
+    # The same command again finds the finished run and only repeats the final evaluation.
     assert main(args) == 0
     assert losses(run_dir) == first
+    assert (run_dir / "metrics.jsonl").read_text() == records
     # A different config on the same folder is rejected.
     assert main(args + ["optim.lr=5e-4"]) == 2
-    assert "holds a run with optim.lr=0.001" in capsys.readouterr().err
+    assert "contains a run with optim.lr=0.001" in capsys.readouterr().err

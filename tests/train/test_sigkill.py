@@ -1,7 +1,8 @@
 """Stress: SIGKILL a training run at random points, resume each time, compare every step's loss.
 
 Run with `make stress` (pytest -m stress). Each start of `aoe train` pays the torch import,
-so the whole test takes a few minutes on a small machine.
+so the whole test takes a few minutes on a small machine. The runs import a copy of the aoe
+package taken at the start, because bit-for-bit equality only holds for identical code.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,9 +94,23 @@ def kill_at(process: subprocess.Popen, run_dir: Path, mode: str, rng: random.Ran
     return "outside a checkpoint write"
 
 
+def snapshot_package(tmp_path: Path) -> Path:
+    """Copy the aoe package aside, so that every run uses the same code while the tree changes."""
+    import aoe
+
+    source = Path(aoe.__file__).parent
+    target = tmp_path / "src"
+    shutil.copytree(source, target / "aoe", ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
 def test_sigkill_resume_repeats_every_loss(tmp_path):
     data = prepare_tiny_data(tmp_path / "data")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    src = snapshot_package(tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(src)}
+    probe = subprocess.run([sys.executable, "-c", "import aoe; print(aoe.__file__)"], env=env,
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == str(src / "aoe" / "__init__.py")
     started = time.monotonic()
 
     reference_run = subprocess.run(command(data, tmp_path, "reference"), env=env, capture_output=True, text=True)

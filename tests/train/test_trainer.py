@@ -59,11 +59,12 @@ def test_run_folder_contents(tmp_path):
 
 
 def test_resume_repeats_uninterrupted_losses(tmp_path):
-    full = tiny_run_config(tmp_path / "a")
+    # Evaluation at the checkpoint step too: resuming must not depend on what evaluation did.
+    full = tiny_run_config(tmp_path / "a", train={"eval_interval": 4})
     full_losses = train_losses(train(full, data=fake_data(full)).run_dir)
 
     # Stop after 5 steps (checkpoint at 4), then resume the same run to the end.
-    short = tiny_run_config(tmp_path / "b", schedule={"max_steps": 12}, checkpoint={"save_final": False})
+    short = tiny_run_config(tmp_path / "b", train={"eval_interval": 4})
     data = fake_data(short)
     original_step = trainer_module._Loop.train_step
     calls = {"n": 0}

@@ -156,7 +156,7 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict[str, A
 
 
 def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Python, NumPy and torch RNG states as (JSON part, tensor part)."""
+    """Return the Python, NumPy and torch RNG states as (JSON part, tensor part)."""
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     json_part = {
@@ -253,7 +253,7 @@ def clean_partial_writes(run_dir: str | Path) -> list[Path]:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """All step_XXXXXXXX folders, oldest first (unverified)."""
+    """List the step_XXXXXXXX folders as (step, path), oldest first, without verifying them."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
@@ -297,7 +297,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Checkpoint | None:
-    """The newest checkpoint that passes verification (or exactly ``step``); None if there is none.
+    """Return the newest checkpoint that passes verification (or exactly ``step``), or None.
 
     A newer checkpoint that fails verification is skipped with a warning naming the bad file.
     With ``step`` given, a bad checkpoint raises CheckpointError instead.

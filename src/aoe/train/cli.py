@@ -1,6 +1,6 @@
 """``aoe train CONFIG [overrides...]``: train from a run preset or a config file.
 
-Running the same command again on a run folder that holds checkpoints resumes from the newest
+Running the same command again on a run folder that contains checkpoints resumes from the newest
 good checkpoint, as long as the config is the same (checkpoint.resume=false rejects the folder
 instead).
 """

@@ -34,7 +34,7 @@ def _positive_int(value: Any) -> bool:
 class DataConfig:
     """Where the prepared token shards are and how they are cut into batches.
 
-    One optimizer step sees micro_batch_size * grad_accum_steps sequences of seq_len tokens.
+    One optimizer step reads micro_batch_size * grad_accum_steps sequences of seq_len tokens.
     """
 
     path: str = "data/tiny"
@@ -150,7 +150,7 @@ class CheckpointConfig:
     # Checkpoints to keep; older ones are deleted after a newer one is safely on disk.
     keep_last: int = 3
     save_final: bool = True
-    # Resume from the latest good checkpoint when the run folder already holds this run.
+    # Resume from the latest good checkpoint when the run folder already contains this run.
     resume: bool = True
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""What a run records while it trains: the peak-FLOP/s measurement behind MFU, memory, the
+"""Run records kept during training: the peak-FLOP/s measurement behind MFU, memory, the
 metrics file, TensorBoard and the per-layer routing statistics."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ PEAK_FILE = "peak_flops.json"
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
     """Time square matmuls for about ``seconds`` and return the achieved FLOP/s.
 
-    This stands in for the hardware peak in MFU: a dense matmul of a representative size is
-    what this machine and torch build reach in practice.
+    MFU divides by this number instead of a datasheet peak, because a dense matmul of a
+    representative size is what this machine and torch build reach in practice.
     """
     size = 1024 if device.type == "cpu" else 8192
     a = torch.randn(size, size, device=device, generator=None).to(dtype)
@@ -49,7 +49,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def peak_flops(run_dir: Path, device: torch.device, dtype: torch.dtype, threads: int) -> float:
-    """The measured matmul FLOP/s, cached in RUN/peak_flops.json for the same device, dtype and threads."""
+    """Return the measured matmul FLOP/s, cached in RUN/peak_flops.json per device, dtype and threads."""
     path = run_dir / PEAK_FILE
     key = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": threads}
     if path.is_file():
@@ -86,7 +86,13 @@ def merge_routing(total: RoutingSums | None, new: RoutingSums) -> RoutingSums:
     """Add ``new`` to the running sums ``total``; the result never shares tensors with ``new``."""
     if total is None:
         return [None if s is None else RoutingStats(*(t.clone() for t in s.as_tuple())) for s in new]
-    return [b if a is None else (a if b is None else a.merge(b)) for a, b in zip(total, new)]
+    merged: RoutingSums = []
+    for old, added in zip(total, new):
+        if old is None or added is None:
+            merged.append(old if added is None else added)
+        else:
+            merged.append(old.merge(added))
+    return merged
 
 
 def routing_summary(stats: RoutingSums | None) -> list[dict[str, Any] | None]:
@@ -122,12 +128,13 @@ class MetricsLog:
     """Appends JSON records to RUN/metrics.jsonl and scalars to TensorBoard in RUN/tb/.
 
     On resume from step k, records past k (written before a crash) are dropped first, so the
-    file reads as one uninterrupted run.
+    file reads as one uninterrupted run. A finished run that is started again repeats its final
+    evaluation, so ``final_step`` drops the validation record of that step too.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool):
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, final_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
-        self._truncate_after(resume_step)
+        self._truncate_after(resume_step, drop_val=resume_step == final_step)
         self._file = open(self.path, "a")
         self._writer = None
         if tensorboard:
@@ -135,7 +142,7 @@ class MetricsLog:
 
             self._writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int, drop_val: bool) -> None:
         if not self.path.is_file():
             return
         kept = []
@@ -144,8 +151,9 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut off by a crash
-            if record.get("step", 0) <= step:
-                kept.append(line)
+            if record.get("step", 0) > step or (drop_val and record.get("kind") == "val" and record.get("step") == step):
+                continue
+            kept.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """Run presets: functions that return a complete ``RunConfig``.
 
-The ``paper-*`` presets follow the AoE paper's recipe: AdamW with betas (0.9, 0.95), weight
-decay 0.1, gradient clipping 1.0, peak LR 2e-4 (3.2e-4 for the 4B models), 4,800 linear warm-up
-steps, cosine decay to 1.28e-5, and 4.2M-token batches over 100B tokens. A batch here is
+The ``paper-*`` presets follow the pre-training recipe of the AoE paper (Lv et al., ICML 2025).
+AdamW uses betas (0.9, 0.95), weight decay 0.1 and gradient clipping 1.0. The peak LR is 2e-4
+(3.2e-4 for the 4B models), with 4,800 linear warm-up steps and cosine decay to 1.28e-5.
+Batches hold 4.2M tokens, and training sees 100B tokens. A batch here is
 2048 sequences of 2048 tokens (4,194,304 tokens, written as micro-batch 8 x 256 accumulation
 steps on one device), so 100B tokens take 23,842 steps. Their data path is a placeholder to
 override (``data.path=...``).
@@ -33,7 +34,7 @@ PAPER_MAX_STEPS = PAPER_TOKENS // (PAPER_SEQ_LEN * PAPER_SEQUENCES_PER_STEP)
 
 
 def paper_run(name: str, model: ModelConfig, lr: float = 2e-4) -> RunConfig:
-    """The paper's pre-training recipe around ``model``."""
+    """Wrap ``model`` in the paper's pre-training recipe."""
     micro_batch = 8
     return RunConfig(
         name=name,
@@ -48,7 +49,7 @@ def paper_run(name: str, model: ModelConfig, lr: float = 2e-4) -> RunConfig:
 
 
 def tiny_run(name: str, model: ModelConfig) -> RunConfig:
-    """A CPU-scale run: seq_len 128, 8 sequences per step, 600 steps, fp32."""
+    """Wrap ``model`` in a CPU-scale run: seq_len 128, 8 sequences per step, 600 steps, fp32."""
     return RunConfig(
         name=name,
         model=model,

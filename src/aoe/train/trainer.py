@@ -7,7 +7,7 @@ gradient as one large batch whatever the padding:
 
     loss = sum_i CE_sum_i / N + sum_i (n_i / N) * aux_i,   N = sum_i n_i valid targets.
 
-Resuming: a run folder that already holds checkpoints of the same config continues from the
+Resuming: a run folder that already contains checkpoints of the same config continues from the
 newest good one (set checkpoint.resume=false to reject such a folder instead). Every step is
 then repeated bit for bit, because the checkpoint holds the weights, the optimizer, the step,
 the data-loader position and the RNG states, and deterministic algorithms are on.
@@ -83,7 +83,7 @@ class RunResult:
 
 @dataclass
 class StepLoss:
-    """What one optimizer step's forward and backward passes produced."""
+    """Losses and routing statistics of one optimizer step's forward and backward passes."""
 
     loss: float  # ce_loss + aux_loss, the value that was backpropagated
     ce_loss: float  # summed cross-entropy / valid targets of the step
@@ -210,12 +210,12 @@ def prepare_run_dir(config: RunConfig) -> tuple[Path, bool]:
     has_checkpoints = bool(list_checkpoints(run_dir))
     if has_checkpoints and config_path.is_file():
         if not config.checkpoint.resume:
-            raise ConfigError(f"invalid checkpoint.resume=False: run folder {run_dir} already holds checkpoints; "
+            raise ConfigError(f"invalid checkpoint.resume=False: run folder {run_dir} already contains checkpoints; "
                               "pick another train.run_name, delete the folder, or resume with checkpoint.resume=true")
         old = _flat_items(json.loads(config_path.read_text()))
         for key, value in _flat_items(new).items():
             if key not in RESUMABLE_CHANGES and old.get(key, value) != value:
-                raise ConfigError(f"invalid {key}={value!r}: run folder {run_dir} holds a run with {key}="
+                raise ConfigError(f"invalid {key}={value!r}: run folder {run_dir} contains a run with {key}="
                                   f"{old.get(key)!r}; resume with the same config or pick another train.run_name")
     atomic_write_text(config_path, json.dumps(new, indent=1))
     return run_dir, has_checkpoints
