@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aoe.bench.measure import Case
+from aoe.bench.measure import Case, synchronized
 from aoe.layers.moe import build_ffn
 from aoe.model.config import FFNConfig, ModelConfig
 
@@ -44,18 +44,21 @@ class LayerShape:
         return "MoE" if self.d_low is None else f"AoE d_low {self.d_low}"
 
 
-def build_layer(shape: LayerShape, dtype: torch.dtype, implementation: str = "grouped", seed: int = 0) -> torch.nn.Module:
+def build_layer(shape: LayerShape, dtype: torch.dtype, implementation: str = "grouped", seed: int = 0,
+                device: torch.device | None = None) -> torch.nn.Module:
     torch.manual_seed(seed)
-    layer = build_ffn(shape.ffn_config(), shape.d_model).to(dtype)
+    layer = build_ffn(shape.ffn_config(), shape.d_model).to(device or "cpu", dtype)
     layer.experts.implementation = implementation
     return layer.train()
 
 
-def layer_inputs(shape: LayerShape, dtype: torch.dtype, seed: int = 1) -> tuple[Tensor, Tensor]:
+def layer_inputs(shape: LayerShape, dtype: torch.dtype, seed: int = 1,
+                 device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """Input activations (T, D) and a fixed upstream gradient direction (T, D)."""
+    device = device or torch.device("cpu")
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape.tokens, shape.d_model, generator=gen).to(dtype)
-    direction = torch.randn(shape.tokens, shape.d_model, generator=gen)
+    x = torch.randn(shape.tokens, shape.d_model, generator=gen).to(device, dtype)
+    direction = torch.randn(shape.tokens, shape.d_model, generator=gen).to(device)
     return x.requires_grad_(), direction
 
 
@@ -73,7 +76,7 @@ def layer_case(name: str, layer: torch.nn.Module, x: Tensor, direction: Tensor, 
         layer.zero_grad(set_to_none=True)
         x.grad = None
 
-    return Case(name, step, flops=flops, tokens=x.numel() // x.shape[-1])
+    return Case(name, synchronized(step, x.device), flops=flops, tokens=x.numel() // x.shape[-1])
 
 
 # ----- transformers' Mixtral block on the same weights --------------------------------------
@@ -87,7 +90,7 @@ def mixtral_implementations() -> list[str]:
 
 
 def mixtral_block_from(moe: torch.nn.Module, implementation: str) -> torch.nn.Module:
-    """A ``MixtralSparseMoeBlock`` holding the same router and expert weights as our ``MoE``.
+    """Build a ``MixtralSparseMoeBlock`` holding the same router and expert weights as our ``MoE``.
 
     Mixtral's router takes softmax over all experts, keeps the top K and renormalises, which
     equals our ``softmax_top_k`` gate weights. Its expert weights are stored transposed, with
@@ -100,8 +103,7 @@ def mixtral_block_from(moe: torch.nn.Module, implementation: str) -> torch.nn.Mo
     config = MixtralConfig(hidden_size=experts.d_model, intermediate_size=experts.hidden,
                            num_local_experts=experts.num_experts, num_experts_per_tok=moe.config.top_k,
                            router_jitter_noise=0.0, experts_implementation=implementation)
-    dtype = experts.w_proj.dtype
-    block = MixtralSparseMoeBlock(config).to(dtype)
+    block = MixtralSparseMoeBlock(config).to(experts.w_proj.device, experts.w_proj.dtype)
     with torch.no_grad():
         block.gate.weight.copy_(moe.router.weight)
         block.experts.gate_up_proj.copy_(torch.cat([experts.w_gate, experts.w_proj], dim=2).transpose(1, 2))
@@ -119,15 +121,16 @@ def batched_mm_bytes(shape: LayerShape, dtype: torch.dtype) -> int:
 
 
 def model_case(name: str, config: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype,
-               seed: int = 0) -> tuple[Case, torch.nn.Module]:
-    """A full training step of the decoder: forward, backward and an AdamW update."""
+               seed: int = 0, device: torch.device | None = None) -> tuple[Case, torch.nn.Module]:
+    """Build the case of one full training step of the decoder: forward, backward and an AdamW update."""
     from aoe.model.decoder import Transformer
 
+    device = device or torch.device("cpu")
     torch.manual_seed(seed)
-    model = Transformer(config).to(dtype).train()
+    model = Transformer(config).to(device, dtype).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(seed + 1)
-    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=gen)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
     input_ids, labels = ids[:, :-1], ids[:, 1:]
 
     def step() -> None:
@@ -137,4 +140,4 @@ def model_case(name: str, config: ModelConfig, batch: int, seq_len: int, dtype: 
         optimizer.zero_grad(set_to_none=True)
 
     flops = float(config.train_flops_per_token(seq_len)) * batch * seq_len
-    return Case(name, step, flops=flops, tokens=batch * seq_len), model
+    return Case(name, synchronized(step, device), flops=flops, tokens=batch * seq_len), model

@@ -28,10 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp32-tokens", type=int, default=None, help="tokens per layer step in fp32 (default: 512)")
     parser.add_argument("--bf16-tokens", type=int, default=None, help="tokens per layer step in bf16 (default: 32)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where to run; cuda uses paper-sized token batches unless --quick is given")
 
 
 def plan_from(args: argparse.Namespace) -> Plan:
-    plan = Plan.quick() if args.quick else Plan()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("invalid --device cuda: this torch build sees no CUDA device")
+    if args.quick:
+        plan = Plan.quick()
+        plan.device = args.device
+    else:
+        plan = Plan.gpu() if args.device == "cuda" else Plan()
     if args.dtypes is not None:
         names = tuple(name.strip() for name in args.dtypes.split(",") if name.strip())
         unknown = [name for name in names if name not in DTYPES]
@@ -50,11 +58,12 @@ def plan_from(args: argparse.Namespace) -> Plan:
     return plan
 
 
-def environment(started: float, load_before: tuple[float, ...]) -> dict[str, str]:
+def environment(started: float, load_before: tuple[float, ...], device: str) -> dict[str, str]:
     import transformers
 
     load_after = os.getloadavg()
-    return {
+    gpu = {"GPU": torch.cuda.get_device_name()} if device == "cuda" else {}
+    return {**gpu,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "CPU": f"{_cpu_name()}, {os.cpu_count()} logical cores visible, torch {torch.get_num_threads()} threads, "
                f"capability {torch.backends.cpu.get_cpu_capability()}, "
@@ -98,7 +107,11 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_suite(plan)
 
-    page = render(results, environment(started, load_before))
+    notes = []
+    if plan.device == "cpu":
+        notes = ["No GPU was lent to the session that wrote this page, so it records no GPU (H200) numbers; "
+                 "`bench/gpu.sh` measures them on a machine with one.", ""]
+    page = render(results, environment(started, load_before, plan.device), notes)
     write_atomic(args.output, page + "\n")
     for verdict in evaluate(results):
         status = "holds" if verdict.holds else f"MISSED ({verdict.shortfall})"

@@ -12,6 +12,7 @@ tensor memory instead of the allocator's cache.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -76,11 +77,44 @@ class PeakRSS:
         return self.peak - self.baseline
 
 
-def peak_memory_of(step: Callable[[], None]) -> int:
-    """Bytes the step adds to RSS at its peak."""
-    with PeakRSS() as meter:
+class PeakCUDA:
+    """Context manager that records the peak CUDA memory allocated above the amount at entry, in bytes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline = 0
+        self.peak = 0
+
+    def __enter__(self) -> "PeakCUDA":
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.baseline = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.baseline
+
+
+def memory_meter(device: torch.device) -> PeakRSS | PeakCUDA:
+    """The peak-memory meter for tensors on ``device``."""
+    return PeakCUDA(device) if device.type == "cuda" else PeakRSS()
+
+
+def synchronized(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``step`` followed by a wait for the device, so that host timers measure the device's work."""
+    if device.type != "cuda":
+        return step
+
+    def wrapped() -> None:
         step()
-    return meter.delta
+        torch.cuda.synchronize(device)
+
+    return wrapped
 
 
 @dataclass
@@ -106,26 +140,38 @@ class Case:
         return self.tokens / self.seconds
 
 
-def time_interleaved(cases: list[Case], repeats: int, desc: str) -> None:
-    """Warm up each case once, then time all cases round-robin ``repeats`` times."""
+def time_interleaved(cases: list[Case], repeats: int, desc: str,
+                     meter: Callable[[], PeakRSS | PeakCUDA] | None = None) -> dict[str, int]:
+    """Warm up each case once, then time all cases round-robin ``repeats`` times.
+
+    With ``meter``, the last timed repeat of each case also records its peak memory, which is
+    returned by case name; the RSS sampler's thread costs every case alike.
+    """
+    peaks: dict[str, int] = {}
     total = len(cases) * (repeats + 1)
     with tqdm(total=total, desc=desc, leave=False) as progress:
         for case in cases:
             case.step()
             progress.update()
-        for _ in range(repeats):
+        for repeat in range(repeats):
             for case in cases:
-                start = time.perf_counter()
-                case.step()
-                case.times.append(time.perf_counter() - start)
+                measure = meter is not None and repeat == repeats - 1
+                with meter() if measure else contextlib.nullcontext() as memory:
+                    start = time.perf_counter()
+                    case.step()
+                    case.times.append(time.perf_counter() - start)
+                if measure:
+                    peaks[case.name] = memory.delta
                 progress.update()
+    return peaks
 
 
-def matmul_case(dtype: torch.dtype, size: int, layout: str = "nn", name: str | None = None) -> Case:
-    """A square dense matmul; ``layout`` "nt" multiplies by a transposed view, as ``F.linear`` does."""
+def matmul_case(dtype: torch.dtype, size: int, layout: str = "nn", device: torch.device | None = None) -> Case:
+    """Build the case of a square dense matmul; ``layout`` "nt" multiplies by a transposed view, as ``F.linear`` does."""
+    device = device or torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(dtype)
-    b = torch.randn(size, size, generator=gen).to(dtype)
+    a = torch.randn(size, size, generator=gen).to(device, dtype)
+    b = torch.randn(size, size, generator=gen).to(device, dtype)
     if layout == "nt":
         b = b.t()
     elif layout != "nn":
@@ -134,4 +180,4 @@ def matmul_case(dtype: torch.dtype, size: int, layout: str = "nn", name: str | N
     def step() -> None:
         torch.matmul(a, b)
 
-    return Case(name or f"matmul {size} {layout}", step, flops=2.0 * size**3)
+    return Case(f"matmul {size} {layout}", synchronized(step, device), flops=2.0 * size**3)

@@ -8,7 +8,7 @@ from aoe.bench.suite import Results, Row
 
 MIB = 1024**2
 
-# Why a target can miss on this kind of machine; printed next to a missed target.
+# Reasons a target can miss on this kind of machine, printed below the targets table when it does.
 MISS_REASONS = {
     "utilisation": (
         "The layer's step is more than its expert GEMMs: the router or AoE's scoring, the stable "
@@ -107,8 +107,8 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / MIB:.0f}"
 
 
-def render(results: Results, environment: dict[str, str]) -> str:
-    """The whole Markdown page."""
+def render(results: Results, environment: dict[str, str], notes: list[str] | None = None) -> str:
+    """Render the whole Markdown page."""
     plan = results.plan
     verdicts = evaluate(results)
     out = ["# Performance", "",
@@ -129,9 +129,10 @@ def render(results: Results, environment: dict[str, str]) -> str:
         "from /proc/self/statm, with glibc's mmap threshold pinned at 64 KiB so that freed tensors "
         "leave RSS at once (no tracemalloc). Layer rows count activations and gradients; model rows "
         "count parameters, gradients, AdamW state and activations.",
-        "- No GPU was lent to this session, so no H200 numbers are recorded. `bench/gpu.sh` runs "
-        "the same suite on one GPU.", ""]
+        f"- Device: {plan.device}. `bench/gpu.sh` runs the same suite on one CUDA GPU "
+        "(`aoe bench --device cuda`), with CUDA peak-allocated memory in place of RSS.", ""]
 
+    out += list(notes or [])
     out += ["## Targets", ""]
     out += _table(["target", "measured", "required", "holds", "shortfall"],
                   [[v.name, v.measured, v.required, "yes" if v.holds else "NO", v.shortfall] for v in verdicts])
@@ -178,7 +179,7 @@ def render(results: Results, environment: dict[str, str]) -> str:
                         f"{r.tokens_per_s / moe.tokens_per_s:.3f}", f"{r.flop_ratio:.3f}"] for r in rows])
 
     if results.scaling:
-        out += ["## Scaling, fp32", "",
+        out += [f"## Scaling, {plan.scale_dtype}", "",
                 f"One layer at d_model {plan.scale_d_model}, d_ffn {plan.scale_d_ffn}, AoE d_low {plan.scale_d_low}; "
                 f"one knob changes at a time from {plan.scale_base_tokens} tokens, 8 experts, top-2.", ""]
         out += _table(["layer", "tokens", "experts", "top-K", "tokens/s", "GFLOP/s", "peak MiB"],

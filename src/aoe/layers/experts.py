@@ -136,7 +136,7 @@ class ExpertBank(nn.Module):
         return self.forward_loop(x_ND, counts, gate_low_NL)
 
     def forward_loop(self, x_ND: Tensor, counts: Tensor, gate_low_NL: Tensor | None = None) -> Tensor:
-        """The reference path: one ``expert_forward`` per expert with rows."""
+        """Run the reference path: one ``expert_forward`` per expert that has rows."""
         # NOTE: the block sizes must be known on the host to slice; on CPU this costs nothing.
         sizes = counts.tolist()
         x_blocks = torch.split(x_ND, sizes)
@@ -154,7 +154,7 @@ class ExpertBank(nn.Module):
 
     def forward_grouped(self, x_ND: Tensor, counts: Tensor, gate_low_NL: Tensor | None = None,
                         use_torch_kernel: bool | None = None) -> Tensor:
-        """All experts at once: each projection is one grouped GEMM over the expert blocks.
+        """Run all experts at once, each projection as one grouped GEMM over the expert blocks.
 
         Autograd writes each weight's gradient once into a stacked (E, ., .) tensor, where the
         loop's per-expert indexing builds and sums one full-size gradient per expert.
@@ -187,7 +187,7 @@ def _matmul_dtype(x: Tensor) -> torch.dtype:
 
 
 def grouped_mm_supported(x: Tensor, *widths: int | None) -> bool:
-    """Whether ``grouped_mm`` runs for this device and dtype; the widths matter on CUDA only."""
+    """Return whether ``grouped_mm`` runs for this device and dtype. The widths matter on CUDA only."""
     dtype = _matmul_dtype(x)
     if x.device.type == "cpu":
         return dtype in (torch.float32, torch.bfloat16)
@@ -215,7 +215,7 @@ def grouped_mm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, use_torch_kernel:
 
 
 def _strides_fit_torch_kernel(x_NI: Tensor, w_EIO: Tensor) -> bool:
-    """Whether the CPU ``torch._grouped_mm`` accepts these operands: 16-byte aligned rows, in and out."""
+    """Return whether the CPU ``torch._grouped_mm`` accepts these operands (16-byte aligned rows, in and out)."""
     size = x_NI.element_size()
     strides = [*x_NI.stride(), *w_EIO.stride(), w_EIO.shape[-1]]
     return all(stride == 1 or stride * size % 16 == 0 for stride in strides) and \
