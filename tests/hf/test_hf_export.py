@@ -134,6 +134,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_export_cli_loads_in_fresh_process(tmp_path, tokenizer):
     kinds = {"aoe": True, "moe": False, "dense": True}
     natives, folders = {}, []

@@ -18,6 +18,7 @@ path, so their scores are comparable:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,6 +77,8 @@ class ScoringLM(TemplateLM):
         self.batch_size = batch_size
         self.add_bos = add_bos
         self._device = device
+        # Multiple-choice tasks encode each context once per choice; the cache skips the repeats.
+        self._encode_cached = functools.lru_cache(maxsize=8192)(lambda text: tuple(tokenizer.encode(text)))
 
     # ----- tokenisation ------------------------------------------------------------------
 
@@ -89,7 +92,7 @@ class ScoringLM(TemplateLM):
         return self.tok.bos_id if self.add_bos else self.eot_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return list(self.tok.encode(string))
+        return list(self._encode_cached(string))
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tok.decode(list(tokens))
