@@ -59,7 +59,7 @@ def test_dense_baseline_matches_active_params():
     # Equal up to the MoE router (12 layers x 768 x 8).
     assert moe.num_active_params() - dense.num_active_params() == 12 * 768 * 8
     cpu_dense, cpu_moe = grid_model("dense", "cpu"), grid_model("moe-laux", "cpu")
-    assert cpu_moe.num_active_params() - cpu_dense.num_active_params() == 4 * 128 * 8
+    assert cpu_moe.num_active_params() - cpu_dense.num_active_params() == 4 * 64 * 8
 
 
 def test_loss_and_selection_settings():
@@ -75,21 +75,21 @@ def test_loss_and_selection_settings():
 def test_cpu_scale_keeps_paper_ratios():
     assert [scaled_d_low(d, 128) for d in (64, 128, 256, 512)] == [11, 21, 43, 85]
     # The CPU grid rounds to multiples of 4 (16-byte fp32 rows).
-    assert [scaled_d_low(d, 128, 4) for d in (64, 128, 256, 512)] == [12, 20, 44, 84]
+    assert [scaled_d_low(d, 64, 4) for d in (64, 128, 256, 512)] == [4, 12, 20, 44]
     for name in ("aoe-dlow64", "aoe-dlow128", "aoe-dlow256", "aoe-dlow512", "moe-laux-factorized-wg"):
         ffn = grid_model(name, "cpu").ffn
         assert ffn.d_low % 4 == 0
-        assert ffn.expert_width(128) % 4 == 0
+        assert ffn.expert_width(64) % 4 == 0
     base = grid_model("moe-laux", "cpu")
-    assert (base.d_model, base.n_layers, base.ffn.n_experts, base.ffn.top_k) == (128, 4, 8, 2)
+    assert (base.d_model, base.n_layers, base.ffn.n_experts, base.ffn.top_k) == (64, 4, 8, 2)
     for name in ("aoe-dlow64", "aoe-dlow256-laux", "aoe-dlow512-laux", "moe-laux-factorized-wg"):
         model = grid_model(name, "cpu")
         # Rounding d_wide to an integer and then to a multiple of 4 leaves each expert within
         # 2.5 width units (d_low + 2 * d_model parameters each) of the MoE expert.
-        per_expert = abs(model.ffn.expert_params(128) - base.ffn.expert_params(128))
-        assert per_expert <= 2.5 * (model.ffn.d_low + 2 * 128), name
+        per_expert = abs(model.ffn.expert_params(64) - base.ffn.expert_params(64))
+        assert per_expert <= 2.5 * (model.ffn.d_low + 2 * 64), name
     router = grid_model("moe-laux-large-router", "cpu").ffn
-    assert abs(router.router_params(128) - 8 * 20 * 128) / (8 * 20 * 128) < 0.01
+    assert abs(router.router_params(64) - 8 * 12 * 64) / (8 * 12 * 64) < 0.01
 
 
 def test_default_grid_runs():
@@ -105,7 +105,7 @@ def test_grid_run_fixes_data_order():
     assert a.data.seed == b.data.seed
     assert (a.train.seed, b.train.seed) == (0, 2)
     assert a.model.vocab_size == 300
-    assert a.data.tokens_per_step * a.schedule.max_steps == 307_200
+    assert a.data.tokens_per_step * a.schedule.max_steps == 153_600
     assert str(b.run_dir) == "o/aoe-dlow256-laux-seed2"
     paper = grid_run("aoe-dlow256-laux", 1, scale="paper", data_path="d")
     assert paper.data.tokens_per_step == 2048 * 2048

@@ -11,12 +11,12 @@ Every grid entry exists at two scales:
 
 - ``paper``: the paper's 732M-total / 247M-active model (12 layers, d_model 768, 8 experts
   top-2, MoE expert width 3072) with the paper's training recipe (``aoe.train.presets.paper_run``);
-- ``cpu``: a model small enough that the whole default grid (21 runs) trains on two CPU
-  cores in well under an hour (see ``cpu_run`` for the recipe and token budget).
+- ``cpu``: a 1.1M-parameter model (4 layers, d_model 64) small enough to train the default
+  grid of 21 runs on a two-core CPU (see the CPU recipe below for the token budget).
 
 Entry names keep the paper's d_low values at both scales. At the CPU scale each d_low is the
-paper's ratio d_low / d_model applied to the smaller d_model (256/768 of 128 is 42.7, used as
-44 because CPU-scale widths are multiples of 4), so
+paper's ratio d_low / d_model applied to the smaller d_model (256/768 of 64 is 21.3, used as
+20 because CPU-scale widths are multiples of 4), so
 ``aoe-dlow256-laux`` names the same design point at both scales.
 """
 
@@ -42,14 +42,14 @@ TABLE3_D_LOW = 256
 # exact and the control has exactly the MoE's parameter count.
 FACTORIZED_GATE_D_LOW = 256
 
-# The CPU scale. The active FFN width (two experts of 256) is 4 * d_model, like a dense Llama FFN.
+# The CPU scale. The active FFN width (two experts of 128) is 4 * d_model, like a dense Llama FFN.
 # Expert widths and d_low are multiples of 4 there, so that every fp32 row is a multiple of
 # 16 bytes, the alignment torch._grouped_mm (torch 2.13) requires of its operands.
 CPU_WIDTH_MULTIPLE = 4
-CPU_D_MODEL = 128
+CPU_D_MODEL = 64
 CPU_N_LAYERS = 4
 CPU_N_HEADS = 4
-CPU_D_FFN = 256
+CPU_D_FFN = 128
 CPU_SEQ_LEN = 128
 CPU_VOCAB_SIZE = 4096
 
@@ -179,17 +179,17 @@ def default_grid() -> list[tuple[str, int]]:
 
 # ----- run configs ----------------------------------------------------------------------------
 
-# The CPU recipe: 8 sequences of 128 tokens per step (1,024 tokens) for 300 steps, so every run
-# trains on 307,200 tokens. AdamW as in the paper (betas 0.9/0.95, weight decay 0.1, clipping 1.0),
-# with the peak LR of the tiny-* run presets, 1e-3, 30 warm-up steps and cosine decay to 1e-4.
-# Validation: 16 batches (16,384 held-out tokens, the same for every run) every 50 steps.
+# The CPU recipe: 8 sequences of 128 tokens per step (1,024 tokens) for 150 steps, so every run
+# trains on 153,600 tokens. AdamW as in the paper (betas 0.9/0.95, weight decay 0.1, clipping 1.0),
+# with the peak LR of the tiny-* run presets, 1e-3, 15 warm-up steps and cosine decay to 1e-4.
+# Validation: 12 batches (12,288 held-out tokens, the same for every run) every 30 steps.
 CPU_MICRO_BATCH = 8
-CPU_MAX_STEPS = 300
-CPU_WARMUP_STEPS = 30
+CPU_MAX_STEPS = 150
+CPU_WARMUP_STEPS = 15
 CPU_LR = 1e-3
 CPU_MIN_LR = 1e-4
-CPU_EVAL_INTERVAL = 50
-CPU_EVAL_BATCHES = 16
+CPU_EVAL_INTERVAL = 30
+CPU_EVAL_BATCHES = 12
 # Every run of a grid reads the training data in the same order.
 GRID_DATA_SEED = 0
 
@@ -224,7 +224,7 @@ def grid_run(name: str, seed: int, scale: str = "cpu", data_path: str = "data/ti
         optim=OptimConfig(lr=CPU_LR, betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0),
         schedule=ScheduleConfig(warmup_steps=CPU_WARMUP_STEPS, max_steps=CPU_MAX_STEPS, min_lr=CPU_MIN_LR),
         # One thread, so that runs repeat bit for bit on machines with any number of cores.
-        train=TrainConfig(precision="fp32", device="cpu", log_interval=25, eval_interval=CPU_EVAL_INTERVAL,
+        train=TrainConfig(precision="fp32", device="cpu", log_interval=15, eval_interval=CPU_EVAL_INTERVAL,
                           eval_batches=CPU_EVAL_BATCHES, seed=seed, out_dir=out_dir, num_threads=1),
         checkpoint=CheckpointConfig(interval=0, keep_last=1),
     )
