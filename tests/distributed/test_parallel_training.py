@@ -99,8 +99,9 @@ def assert_curves_match(history: list[dict], expected: list[dict]) -> None:
         assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-3 * want["grad_norm"], f"step {step}: grad norm"
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ep"])
-@pytest.mark.parametrize("kind", ["moe", "aoe"])
+# Expert parallelism has a path of its own for each kind; DDP and FSDP2 treat both kinds alike,
+# so one kind each keeps the test time down.
+@pytest.mark.parametrize(("mode", "kind"), [("ddp", "moe"), ("fsdp", "aoe"), ("ep", "moe"), ("ep", "aoe")])
 def test_two_ranks_match_one_process(kind, mode, reference, tmp_path: Path):
     expected = reference[kind]
     # The curve must actually move, or matching it would prove little.

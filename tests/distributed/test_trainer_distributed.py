@@ -118,14 +118,21 @@ def test_loader_resumes_at_another_world_size(data_dir):
         resume_loader(odd, saved)
 
 
-def test_trainer_on_two_ranks_then_one(data_dir, tmp_path):
-    # One process on the global batch of 4 sequences: the reference curve.
-    single_config = run_config(data_dir, tmp_path, "single", GLOBAL_BATCH, "none")
-    train(single_config, data=data_sources(single_config, 0, 1))
+@pytest.fixture(scope="module")
+def single_run(data_dir, tmp_path_factory) -> RunConfig:
+    """One process on the global batch of 4 sequences: the reference curve."""
+    config = run_config(data_dir, tmp_path_factory.mktemp("runs"), "single", GLOBAL_BATCH, "none")
+    train(config, data=data_sources(config, 0, 1))
+    return config
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ep"])
+def test_trainer_on_two_ranks_then_one(mode, single_run, data_dir, tmp_path):
+    single_config = single_run
     expected = train_losses(single_config.run_dir)
 
-    # Two expert-parallel ranks with 2 sequences each.
-    config = run_config(data_dir, tmp_path, "ep", GLOBAL_BATCH // 2, "ep")
+    # Two ranks with 2 sequences each.
+    config = run_config(data_dir, tmp_path, mode, GLOBAL_BATCH // 2, mode)
     ranks = run_ranks(train_worker, 2, config.to_dict())
     assert ranks[0] == ranks[1]
     losses = train_losses(config.run_dir)
@@ -137,7 +144,7 @@ def test_trainer_on_two_ranks_then_one(data_dir, tmp_path):
     checkpoints = list_checkpoints(config.run_dir)
     assert [step for step, _ in checkpoints] == [INTERVAL, STEPS]
     assert all(is_dcp_checkpoint(path) for _, path in checkpoints)
-    # model.safetensors holds the whole model, so the single-process tools read it.
+    # model.safetensors contains the whole model, so the single-process tools read it.
     model, _ = load_model(config.run_dir)
     single_model, _ = load_model(single_config.run_dir)
     for name, tensor in single_model.state_dict().items():
@@ -157,4 +164,5 @@ def test_trainer_on_two_ranks_then_one(data_dir, tmp_path):
     seen = tokens_seen(config.run_dir)
     assert seen[INTERVAL + 1] - seen[INTERVAL] == 2 * SEQ_LEN
     final = list_checkpoints(config.run_dir)[-1]
-    assert final[0] == STEPS and not is_dcp_checkpoint(final[1])
+    assert final[0] == STEPS
+    assert not is_dcp_checkpoint(final[1]), "a single process writes the single-process format"

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,14 +50,14 @@ from aoe.layers.routing import RoutingStats
 log = logging.getLogger(__name__)
 
 PARALLEL_MODES = ("none", "ddp", "fsdp", "ep")
-# Sub-folder of a checkpoint that holds the DCP files of a multi-process run.
+# Sub-folder of a checkpoint that contains the DCP files of a multi-process run.
 DCP_DIR = "dcp"
 BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass
 class ParallelConfig:
-    """How a run is split over the processes that torchrun starts."""
+    """The split of a run over the processes that torchrun starts."""
 
     # none | ddp | fsdp | ep (expert parallelism; ffn.n_experts must be a multiple of the world size)
     mode: str = "none"
@@ -204,7 +205,7 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, context: Distributed
 
 
 class Parallelism:
-    """What the training loop calls instead of touching process groups itself.
+    """The training loop's single interface to process groups and parallel wrappers.
 
     ``module`` is what to call for the forward pass; ``model`` is the underlying Transformer
     (parameters, state dicts, config). Every method is a collective in a multi-process run:
@@ -246,7 +247,7 @@ class Parallelism:
 
         DDP and FSDP2 already did this during the backward. Expert parallelism sums the
         replicated weights' gradients over the ranks and divides every gradient by the world
-        size: an expert shard's gradient already holds every rank's tokens, through the
+        size: an expert shard's gradient already contains every rank's tokens, through the
         all-to-all's backward.
         """
         if self.mode != "ep":
@@ -263,9 +264,9 @@ class Parallelism:
         any_grad = bool(replicated)
         for param, _, _ in self.expert_params.values():
             if param.grad is None and any_grad:
-                # A rank whose experts received no rows gets no gradient from autograd; the
-                # single-process model would give those slices zeros, and AdamW treats a missing
-                # gradient differently from a zero one (it skips the moments and the decay).
+                # A rank whose experts received no rows gets no gradient from autograd. The
+                # single-process model gives those slices zeros, and AdamW treats a missing
+                # gradient differently from a zero one because it skips the moments and the decay.
                 param.grad = torch.zeros_like(param)
             if param.grad is not None:
                 param.grad.mul_(scale)
@@ -339,7 +340,7 @@ class Parallelism:
         tensors = [t for stats in routing if stats is not None for t in stats.as_tuple()]
         if not tensors:
             return routing
-        # shape: (total elements,) float64 holds the integer counts exactly
+        # shape: (total elements,) float64 represents the integer counts exactly
         flat = torch.cat([t.reshape(-1).double() for t in tensors])
         dist.all_reduce(flat)
         chunks = iter(torch.split(flat, [t.numel() for t in tensors]))
@@ -352,7 +353,7 @@ class Parallelism:
         return summed
 
     def gather_objects(self, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order (picklable objects only)."""
+        """Gather every rank's ``value`` in rank order (picklable objects only)."""
         if not self.distributed:
             return [value]
         gathered: list[Any] = [None] * self.world_size
@@ -366,18 +367,16 @@ class Parallelism:
     # ----- state -----
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's state dict, as a single-process ``Transformer.state_dict()``, on the CPU.
+        """Gather the whole model's state dict, as a single-process ``Transformer.state_dict()``, on the CPU.
 
-        Every rank returns it; for FSDP2 and expert parallelism it is gathered from the shards.
+        Rank 0 always receives it. Under FSDP2 the other ranks receive an empty dict, because
+        the gathered tensors are offloaded to rank 0's CPU memory only.
         """
         if self.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             state = get_model_state_dict(self.model, options=options)
-            if not state:
-                # cpu_offload leaves non-zero ranks empty, so gather without it there.
-                state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
             return {name: tensor.detach().cpu() for name, tensor in state.items()}
         state = {name: tensor.detach() for name, tensor in self.model.state_dict().items()}
         for name, (param, dim, bank) in self.expert_params.items():
@@ -469,7 +468,10 @@ def load_dcp(directory: str | Path, parallel: Parallelism, optimizer: torch.opti
     import torch.distributed.checkpoint as dcp
 
     state = parallel.dcp_state(optimizer)
-    dcp.load(state, checkpoint_id=str(directory), no_dist=not parallel.distributed)
+    with warnings.catch_warnings():
+        # DCP warns whenever it loads without a process group, which is intended here.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory), no_dist=not parallel.distributed)
     parallel.load_dcp_state(state, optimizer)
 
 
@@ -481,9 +483,9 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, parallel: Parall
     """Write checkpoint ``step`` of a multi-process run in the layout of ``aoe.train.checkpoint``; all ranks call this.
 
     The model and optimizer go to DCP files under dcp/, which any world size can load.
-    model.safetensors still holds the whole model (gathered), so that ``load_model`` and the
-    evaluation tools read it like any checkpoint; optimizer.json records that the optimizer
-    state lives in dcp/. The folder appears under its final name only when complete.
+    model.safetensors still contains the whole model (gathered), so ``load_model`` and the
+    evaluation tools read it like any checkpoint. optimizer.json records that the optimizer
+    state is in dcp/. The folder appears under its final name only when complete.
     """
     from aoe.train import checkpoint as ckpt
 
@@ -578,7 +580,7 @@ def load_any_checkpoint(checkpoint, parallel: Parallelism, optimizer: torch.opti
 
 
 def gather_loader_states(parallel: Parallelism, loader_state: dict[str, Any]) -> dict[str, Any]:
-    """Every rank's loader state, for the checkpoint: rank 0's fields plus the list of all ranks'."""
+    """Gather every rank's loader state for the checkpoint: rank 0's fields plus the list of all ranks'."""
     return {**loader_state, "ranks": parallel.gather_objects(loader_state)}
 
 
@@ -586,9 +588,9 @@ def resume_loader(loader, saved: dict[str, Any]) -> None:
     """Continue ``loader`` (an ``aoe.data.loader.PackedLoader``) from a checkpoint's loader state.
 
     At the world size and batch size of the save, each rank takes its own state, so the run
-    repeats exactly. Otherwise the run continues from the same place in the epoch's window order:
+    repeats exactly. Otherwise the run continues from the same place in the epoch's window order.
     PackedLoader's step b at world size W and batch size B covers positions [b*B*W, (b+1)*B*W)
-    of that order across the ranks, so the saved position converts to the new W and B. The
+    of that order across the ranks, which converts the saved position to the new W and B. The
     global batch is then B*W of the new run, and no window is repeated or skipped within the epoch.
     """
     per_rank = saved.get("ranks") or [saved]
