@@ -4,6 +4,8 @@ The folder contains model.safetensors, config.json (with ``auto_map`` pointing a
 configuration_aoe.py and modeling_aoe.py), generation_config.json, the tokenizer files and
 aoe_export.json (source run, step and native model config). It loads with
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` without aoe installed.
+Pass ``trust_remote_code=True`` to ``AutoTokenizer.from_pretrained(OUT_DIR)`` as well, because
+transformers reads config.json there too and otherwise asks on stdin whether to run the code.
 """
 
 from __future__ import annotations

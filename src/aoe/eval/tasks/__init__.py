@@ -1,0 +1,1 @@
+"""lm-evaluation-harness task configs that read local dataset copies (``aoe eval --data-dir``)."""

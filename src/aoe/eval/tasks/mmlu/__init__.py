@@ -1,0 +1,1 @@
+"""Local MMLU subject configs and their dataset loader."""
