@@ -18,7 +18,8 @@ from aoe.model.config import FFNConfig
 FAST_PATHS = ["grouped", "torch_grouped_mm"]
 # (kind, d_low): d_model 32 keeps every width a multiple of 16 bytes for the MoE, so the torch
 # kernel really runs; AoE's matched d_wide (45 at d_low 8) is odd and takes the CPU fallback.
-VARIANTS = [("moe", None), ("aoe", 8), ("aoe", 16)]
+# ("moe", 8) is the router MoE with a factorised W_g, which computes x W_down per expert block.
+VARIANTS = [("moe", None), ("aoe", 8), ("aoe", 16), ("moe", 8)]
 
 
 def layer_and_input(kind: str, d_low: int | None, dtype: torch.dtype, implementation: str):

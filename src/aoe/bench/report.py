@@ -28,9 +28,10 @@ MISS_REASONS = {
         "taken, and the selected rows are gathered from it, forward and backward. Its wider hidden "
         "layer (d_wide > d_ffn) also makes SiLU and the gate product larger."),
     "transformers": (
-        "transformers' grouped_mm path calls the same torch._grouped_mm kernel as ours, so the "
-        "expert GEMMs cost the same; our layer also computes its auxiliary load-balancing loss "
-        "and routing statistics in the step, and selects with a stable sort."),
+        "transformers' grouped_mm path runs the same expert GEMMs as ours (on CPU torch._grouped_mm "
+        "returns results bit-identical to our per-expert mm loop), so only the work around them "
+        "differs: our step also computes the load-balancing loss and the routing statistics, "
+        "ranks experts with a stable sort, and keeps the router in fp32."),
     "memory": (
         "AoE keeps its (T, E, d_low) low-rank cache for the backward pass, and its hidden "
         "activations are d_wide/d_ffn times wider than the MoE's, at the same parameter count."),

@@ -61,7 +61,7 @@ class Plan:
     scale_dtype: str = "fp32"
     repeats: int = 2
     dtypes: tuple[str, ...] = ("fp32", "bf16")
-    batched_mm_limit_bytes: int = 2 * 1024**3
+    batched_mm_limit_bytes: int = 512 * 1024**2
     device: str = "cpu"
 
     @classmethod

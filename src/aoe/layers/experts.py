@@ -210,6 +210,10 @@ def grouped_mm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, use_torch_kernel:
         use_torch_kernel = x_NI.device.type == "cuda"
     x_NI = x_NI.contiguous()
     if use_torch_kernel and (x_NI.device.type == "cuda" or _strides_fit_torch_kernel(x_NI, w_EIO)):
+        if not (w_EIO.is_contiguous() or w_EIO.transpose(-2, -1).is_contiguous()):
+            # W_down viewed as (E, D, L) interleaves experts in memory; the kernel wants each
+            # expert's matrix in one block, row- or column-major.
+            w_EIO = w_EIO.contiguous()
         return torch._grouped_mm(x_NI, w_EIO, offs=offsets_E)
     return _CPUGroupedMM.apply(x_NI, w_EIO, offsets_E)
 
