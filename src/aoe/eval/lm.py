@@ -11,9 +11,9 @@ path, so their scores are comparable:
   continuation is never scored as empty;
 - every request starts with BOS, as every pretraining document does, and a context that
   already starts with BOS does not get a second one;
-- requests are sorted by length and right-padded; a padded row's valid positions see exactly
-  what they would see alone, so per-request scores do not depend on the batch size (up to
-  fp32 rounding in the attention kernels; see tests/eval).
+- requests are sorted by length and right-padded. A padded row's valid positions attend to
+  exactly what they would attend to alone, so per-request scores do not depend on the batch
+  size, up to fp32 rounding in the attention kernels (about 1e-7 relative, see tests/eval).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def text_tokenizer_spec(tokenizer) -> TokenizerSpec:
 
 
 class ScoringLM(TemplateLM):
-    """lm-eval model: log-likelihoods, rolling log-likelihoods and greedy generation."""
+    """An lm-eval model that computes log-likelihoods, rolling log-likelihoods and greedy generations."""
 
     def __init__(self, logits_fn: LogitsFn, tokenizer: TokenizerSpec, max_length: int, batch_size: int = 8,
                  add_bos: bool = True, device: str = "cpu"):
@@ -129,7 +129,7 @@ class ScoringLM(TemplateLM):
             num_targets = min(len(continuation_enc), len(tokens) - 1)
             rows.append((index, tokens[:-1], tokens[len(tokens) - num_targets:]))
 
-        # Longest first, so the first batch shows at once whether the largest shapes fit.
+        # Longest first, so that the first batch shows at once whether the largest shapes fit in memory.
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][1]))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -155,7 +155,7 @@ class ScoringLM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Sum of log-probabilities of whole documents, in disjoint windows of max_length tokens."""
+        """Return each document's summed log-probability, scored in disjoint windows of max_length tokens."""
         scores = []
         for request in tqdm(requests, desc="Rolling log-likelihood", disable=disable_tqdm):
             (text,) = request.args
@@ -169,7 +169,7 @@ class ScoringLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding, one request at a time, recomputing the full prefix each step.
+        """Decode greedily, one request at a time, recomputing the full prefix each step.
 
         NOTE: no KV cache here, so this is slow; none of the tasks aoe reports generates text.
         """
