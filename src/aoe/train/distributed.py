@@ -24,11 +24,17 @@ so the mean of the ranks' losses equals the single-process loss.
 Checkpoints of multi-process runs use torch.distributed.checkpoint (DCP): every tensor is stored
 with its global shape, so a run saved at one world size or mode resumes at another, including
 one process.
+
+NOTE: expert-choice selection picks each expert's tokens among the tokens of its own rank, so
+with more than one rank it routes differently from one process on the global batch. Top-K
+and top-P selection are per token and match exactly.
+TODO: DDP and FSDP2 communicate after every micro-batch of a gradient-accumulation step
+(correct, but no_sync / set_requires_gradient_sync would save the traffic), and expert
+parallelism all-reduces the replicated gradients after the backward pass without overlap.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
@@ -226,21 +232,6 @@ class Parallelism:
         return self.context.world_size
 
     # ----- gradients -----
-
-    @contextlib.contextmanager
-    def accumulating(self, last: bool) -> Iterator[None]:
-        """Skip gradient communication for micro-batches that are not the last of a step."""
-        if self.mode == "ddp" and not last:
-            with self.module.no_sync():
-                yield
-        elif self.mode == "fsdp":
-            self.model.set_requires_gradient_sync(last)
-            try:
-                yield
-            finally:
-                self.model.set_requires_gradient_sync(True)
-        else:
-            yield
 
     def finish_gradients(self) -> None:
         """Make every gradient the rank-mean gradient; call after the last backward of a step.
