@@ -52,7 +52,7 @@ NODE_LABELS = {
     "silu_gate": "SiLU(xW_g)",
     "hidden": "SiLU(xW_g)⊙xW_p",
     "output": "final output",
-    "router": "router (original)",
+    "router": "router logits, patched path",
     "random": "random top-K",
 }
 NORM_ORDERS = {"l2": 2.0, "l1": 1.0, "linf": math.inf}

@@ -27,8 +27,9 @@ NORM_LABELS = {"l2": "L2", "l1": "L1", "linf": "L∞"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="Hugging Face MoE folder (Mixtral, PhiMoE, OLMoE, Qwen2-MoE, Qwen3-MoE) "
                                       "or aoe MoE run/model folder")
-    parser.add_argument("--node", nargs="+", choices=NODES, default=list(NODES),
-                        help="activations whose norm ranks the experts (default: all five)")
+    parser.add_argument("--node", nargs="+", choices=NODES + ("router",), default=list(NODES),
+                        help="activations whose norm ranks the experts (default: all five); 'router' ranks by the "
+                             "router logits through the patched code, which must reproduce the original row")
     parser.add_argument("--norm", nargs="+", choices=NORMS, default=list(NORMS), help="norms to rank by (default: all)")
     parser.add_argument("--corpus", nargs="+", default=[], metavar="[NAME=]PATH",
                         help="held-out text for perplexity: .npy token files, text files or folders of .txt files")
@@ -69,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_causal_lm(args.model)
     corpora = {name: token_windows(held_out_tokens(path, tokenizer, args.max_tokens), args.seq_len)
                for name, path in parse_corpora(args.corpus).items()}
-    settings = [("original", None)] + [(node, norm) for node in args.node for norm in args.norm] + [("random", None)]
+    settings = [("original", None)]
+    settings += [(node, None) if node == "router" else (node, norm) for node in args.node
+                 for norm in (args.norm if node != "router" else args.norm[:1])]
+    settings.append(("random", None))
     rows = run_grid(model, settings, corpora, args, tokenizer)
     result = {"model": str(args.model), "top_k": args.top_k, "seq_len": args.seq_len,
               "corpora": {name: int(w[:, 1:].numel()) for name, w in corpora.items()},
