@@ -177,3 +177,20 @@ def test_export_rejects_non_empty_output(tmp_path):
     with pytest.raises(ValueError, match="--overwrite"):
         export.export_model(native, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("name", ["aoe", "moe"])
+def test_bf16_weights_and_autocast_run(name):
+    native = build_model(variant_config(name))
+    ids, mask = batch_with_left_padding()
+    with torch.no_grad():
+        reference = to_hf_model(native)(ids, attention_mask=mask, use_cache=False).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = to_hf_model(native)(ids, attention_mask=mask, use_cache=False).logits
+        bf16 = to_hf_model(native).to(torch.bfloat16)(ids, attention_mask=mask, use_cache=False)
+    valid = mask.bool()
+    scale = reference[valid].abs().mean().item()
+    for logits in (autocast, bf16.logits):
+        assert logits.dtype == torch.float32
+        # bf16 keeps 8 mantissa bits: the logits move by a few percent of their size, not more.
+        assert (logits - reference)[valid].abs().mean().item() < 0.05 * scale
