@@ -62,3 +62,32 @@ def test_eval_run_folder_offline(tmp_path, tokenizer, monkeypatch):
     table = (tmp_path / "out" / "results.md").read_text()
     assert table.splitlines()[0] == "| model | ARC-E | SST2 | QQP | AVG (2 of 3) |"
     assert "| missing |" in table
+
+
+@pytest.mark.slow
+def test_eval_perplexity_only(tmp_path):
+    from aoe.data.loader import TokenDataset, eval_batches
+    from aoe.data.prepare import prepare_corpus
+    from aoe.data.tokenizer import load_tokenizer
+    from aoe.eval.perplexity import evaluate_perplexity
+    from hf_testing import TEXT
+
+    corpus = tmp_path / "corpus"
+    for i in range(8):
+        write(corpus / f"doc{i}.txt", TEXT[i * 40:] + f" Document {i}.")
+    prepare_corpus(tmp_path / "data", input_path=corpus, bpe_vocab_size=300, val_fraction=0.25)
+    model = build_model(small_config("aoe"))
+    run_dir = write_run_dir(tmp_path, model, tokenizer=load_tokenizer(str(tmp_path / "data" / "tokenizer")))
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args([str(run_dir), "--tasks", "none", "--perplexity", "--ppl-batches", "2",
+                              "--batch-size", "2", "--output", str(tmp_path / "out")])
+    assert cli.run(args) == 0
+
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    batches = eval_batches(TokenDataset(tmp_path / "data", split="val"), 2, 64, 2)
+    expected = evaluate_perplexity(model, batches)
+    assert report["perplexity"]["tokens"] == expected["tokens"]
+    assert report["perplexity"]["ppl"] == pytest.approx(expected["ppl"], rel=1e-5)
+    assert report["scores"] == {}

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="run folder, exported Hugging Face folder, or Hugging Face model path")
     parser.add_argument("--tasks", default="paper",
                         help="'paper' (the ten tasks of the AoE paper) and/or a comma-separated list of: "
-                             + ", ".join(suite.SHOTS))
+                             + ", ".join(suite.SHOTS) + "; 'none' with --perplexity for perplexity only")
     parser.add_argument("--data-dir", default=None,
                         help="folder with local copies of the datasets; uses aoe's offline task configs")
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most N examples per task (quick runs)")
@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bos", action="store_true", help="do not start requests with BOS")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=1234, help="seed for few-shot example sampling")
+    parser.add_argument("--perplexity", action="store_true",
+                        help="also report held-out perplexity on the val split of a run folder's data.path")
+    parser.add_argument("--ppl-batches", type=int, default=None,
+                        help="with --perplexity: evaluate at most this many batches (default: the whole split)")
     parser.add_argument("--output", default=None,
                         help="output folder (default: RUN/eval for a run folder, else eval_results/<name>)")
 
@@ -74,12 +78,27 @@ def evaluate_task(lm, manager, task: str, local: bool, limit: int | None, num_fe
             "lm_eval_task": name, "shots": shots, "n_samples": out.get("n-samples", {})}
 
 
+def run_perplexity(run_dir: str, step: int | None, batch_size: int, max_batches: int | None) -> dict:
+    """Held-out perplexity of a run folder's model on the val split of its prepared data."""
+    from aoe.data.loader import TokenDataset, eval_batches
+    from aoe.eval.perplexity import evaluate_perplexity
+    from aoe.hf.run_dir import load_run_model
+
+    model, config = load_run_model(run_dir, step=step)
+    data = config.get("data") or {}
+    dataset = TokenDataset(data["path"], split="val")
+    batches = eval_batches(dataset, batch_size, data.get("seq_len", model.config.max_seq_len), max_batches)
+    return evaluate_perplexity(model, batches, progress=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from aoe.eval.formats import find_task_file
     from aoe.eval.models import load_lm
     from aoe.train.checkpoint import atomic_write_text
 
-    tasks = suite.parse_tasks(args.tasks)
+    tasks = [] if args.tasks.strip().lower() == "none" else suite.parse_tasks(args.tasks)
+    if not tasks and not args.perplexity:
+        raise ValueError("--tasks none leaves nothing to evaluate; add --perplexity or name tasks")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"invalid --limit={args.limit}: expected a positive integer")
     if args.data_dir is not None:
@@ -92,6 +111,14 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_lm(args.model, tokenizer=args.tokenizer, step=args.step, batch_size=args.batch_size,
                      add_bos=not args.no_bos, device=args.device)
     out_dir = Path(args.output) if args.output else default_output(args.model, loaded.kind == "run")
+
+    perplexity = None
+    if args.perplexity:
+        if loaded.kind != "run":
+            raise ValueError("--perplexity needs a run folder, whose data.path names the held-out split")
+        perplexity = run_perplexity(args.model, args.step, args.batch_size, args.ppl_batches)
+        print(f"held-out perplexity {perplexity['ppl']:.3f} (loss {perplexity['loss']:.4f} over "
+              f"{int(perplexity['tokens'])} tokens)")
 
     manager = task_manager(args.data_dir)
     scores: dict[str, float | str] = {}
@@ -120,13 +147,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"{task}: acc {100 * result['acc']:.2f} ({result['shots']}-shot, {result['seconds']:.1f} s)")
 
     name = Path(args.model.rstrip("/")).name
-    table = suite.results_table(scores, name)
+    table = suite.results_table(scores, name) if scores else ""
+
     report = {"model": args.model, "model_info": loaded.info, "data_dir": args.data_dir, "limit": args.limit,
-              "add_bos": loaded.lm.add_bos, "scores": scores, "tasks": details,
+              "add_bos": loaded.lm.add_bos, "scores": scores, "tasks": details, "perplexity": perplexity,
               "seconds": round(time.perf_counter() - started, 2)}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2) + "\n")
     note = f"\nAccuracy in percent; at most {args.limit} examples per task (--limit).\n" if args.limit else ""
+    if perplexity is not None:
+        note += f"\nHeld-out perplexity: {perplexity['ppl']:.3f} over {int(perplexity['tokens'])} tokens.\n"
     atomic_write_text(out_dir / "results.md", table + note)
     print(table, end="")
     print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
