@@ -160,3 +160,45 @@ def test_bf16_autocast_matches_single():
     assert ranks[0]["out"].dtype == torch.bfloat16
     # Both sides round the same bf16 products; only the order of the gradient sums differs.
     check_against_single(ranks, single, rtol=2e-2, atol=2e-3)
+
+
+def ep_step_worker(rank: int, world: int) -> dict:
+    from aoe.train.distributed import DistributedContext, Parallelism
+
+    layer = make_layer("moe", None, "idle_rank")
+    layer.balance_group = dist.group.WORLD
+    shard_experts(layer)
+    parallel = Parallelism(layer, layer, "ep", DistributedContext(rank, world, rank, "gloo", torch.device("cpu")))
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.1)
+
+    x_full, grad_full = make_inputs("idle_rank")
+    rows = slice(rank * N_TOKENS // world, (rank + 1) * N_TOKENS // world)
+    out, routing = layer(x_full[rows])
+    ((out * grad_full[rows]).sum() + routing.aux_loss / world).backward()
+    parallel.finish_gradients()
+    had_grads = {name: p.grad is not None for name, p in layer.named_parameters()}
+    optimizer.step()
+    return {"params": {name: p.detach().clone() for name, p in layer.named_parameters()}, "had_grads": had_grads}
+
+
+def test_idle_experts_still_take_optimizer_step():
+    ranks = run_ranks(ep_step_worker, WORLD)
+    # Rank 1's experts received no rows but still get zero gradients, so AdamW decays them
+    # exactly as it decays the unused slices of the single-process bank.
+    assert all(ranks[1]["had_grads"].values())
+
+    layer = make_layer("moe", None, "idle_rank")
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.1)
+    x_full, grad_full = make_inputs("idle_rank")
+    out, routing = layer(x_full)
+    # Data-parallel training differentiates the mean of the ranks' losses.
+    (((out * grad_full).sum() + routing.aux_loss) / WORLD).backward()
+    optimizer.step()
+
+    for name, expected in layer.named_parameters():
+        param_name = name.rsplit(".", 1)[-1]
+        if name.startswith("experts."):
+            got = torch.cat([r["params"][name] for r in ranks], dim=EXPERT_DIM[param_name])
+        else:
+            got = ranks[0]["params"][name]
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

@@ -159,10 +159,16 @@ class ExpertParallelBank(ExpertBank):
 
         # 4. local experts. shape: (R, D)
         rows_RD = super().forward(x_local_RD, exchange.local_counts, low_local_RL)
-        if rows_RD.grad_fn is None and received_RD.requires_grad:
-            # NOTE: with no rows here the output would not depend on the received rows, autograd
-            # would skip this rank's backward all-to-all and the other ranks would wait forever.
-            rows_RD = rows_RD + 0.0 * received_RD.sum()
+        if rows_RD.grad_fn is None and torch.is_grad_enabled():
+            # NOTE: with no rows here, the output would depend neither on the received rows nor
+            # on the weights. Autograd would then skip this rank's backward all-to-alls, and the
+            # other ranks would wait forever. The zero term also gives the weights the zero
+            # gradient that a single process gives experts without tokens.
+            anchors = [p.sum() for p in self.parameters() if p.requires_grad]
+            if received_RD.requires_grad:
+                anchors.append(received_RD.sum())
+            if anchors:
+                rows_RD = rows_RD + 0.0 * sum(anchor.float() for anchor in anchors).to(rows_RD.dtype)
 
         # 5. restore arrival order and send every row back to the rank of its token. shape: (N, D)
         arrival_RD = torch.empty_like(rows_RD).index_copy(0, exchange.local_order, rows_RD)

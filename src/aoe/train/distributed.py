@@ -252,13 +252,10 @@ class Parallelism:
             for param, chunk in zip(replicated, torch.split(flat, [p.numel() for p in replicated])):
                 param.grad.copy_(chunk.view_as(param.grad))
         scale = 1.0 / self.world_size
-        any_grad = bool(replicated)
+        # NOTE: experts that received no rows still have a (zero) gradient, because
+        # ExpertParallelBank ties its empty output to the weights; AdamW would otherwise skip
+        # their moments and weight decay, unlike a single process.
         for param, _, _ in self.expert_params.values():
-            if param.grad is None and any_grad:
-                # A rank whose experts received no rows gets no gradient from autograd. The
-                # single-process model gives those slices zeros, and AdamW treats a missing
-                # gradient differently from a zero one because it skips the moments and the decay.
-                param.grad = torch.zeros_like(param)
             if param.grad is not None:
                 param.grad.mul_(scale)
         for param in replicated:
