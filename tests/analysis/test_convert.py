@@ -125,3 +125,21 @@ def test_hf_mixtral_maps_exactly_onto_aoe_moe():
         expected = hf(input_ids=IDS).logits
         actual = ours(IDS).logits
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_convert_reads_training_run_folder(tmp_path):
+    from aoe.train.checkpoint import save_checkpoint
+    from aoe.train.config import DataConfig, RunConfig
+
+    moe = tiny_moe()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_config = RunConfig(model=moe.config, data=DataConfig(seq_len=32))
+    (run_dir / "config.json").write_text(json.dumps(run_config.to_dict()))
+    optimizer = torch.optim.SGD(moe.parameters(), lr=0.1)
+    save_checkpoint(run_dir, 3, moe, optimizer, state={}, state_tensors={}, keep_last=1)
+    out = convert(run_dir, tmp_path / "aoe", d_low=D_FFN)
+    converted = load_aoe_folder(out)
+    expected_state = moe_to_aoe(moe.config, moe.state_dict(), D_FFN)[1]
+    for name, value in converted.state_dict().items():
+        assert torch.equal(value, expected_state[name]), name
