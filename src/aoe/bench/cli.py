@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated dtypes to measure, from fp32,bf16 (default: both)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default: 2)")
     parser.add_argument("--fp32-tokens", type=int, default=None, help="tokens per layer step in fp32 (default: 512)")
-    parser.add_argument("--bf16-tokens", type=int, default=None, help="tokens per layer step in bf16 (default: 32)")
+    parser.add_argument("--bf16-tokens", type=int, default=None, help="tokens per layer step in bf16 (default: 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where to run; cuda uses paper-sized token batches unless --quick is given")

@@ -41,7 +41,7 @@ class Plan:
     n_experts: int = 8
     top_k: int = 2
     d_lows: tuple[int, ...] = (64, 128, 256, 512)
-    tokens: dict[str, int] = field(default_factory=lambda: {"fp32": 512, "bf16": 32})
+    tokens: dict[str, int] = field(default_factory=lambda: {"fp32": 512, "bf16": 16})
     peak_size: dict[str, int] = field(default_factory=lambda: {"fp32": 1024, "bf16": 512})
     # Whole model: the 732M model of the AoE paper (Lv et al., 2025), cut to a few layers and a
     # smaller vocabulary.
@@ -49,12 +49,12 @@ class Plan:
     model_heads: int = 12
     model_vocab: int = 8192
     model_batch: int = 1
-    model_seq: dict[str, int] = field(default_factory=lambda: {"fp32": 256, "bf16": 32})
+    model_seq: dict[str, int] = field(default_factory=lambda: {"fp32": 128, "bf16": 16})
     # Scaling sweeps at a CPU-sized layer.
     scale_d_model: int = 256
     scale_d_ffn: int = 1024
     scale_d_low: int = 86
-    scale_tokens: tuple[int, ...] = (256, 1024, 4096)
+    scale_tokens: tuple[int, ...] = (256, 1024, 2048)
     scale_experts: tuple[int, ...] = (8, 16, 32, 64)
     scale_top_k: tuple[int, ...] = (1, 2, 4, 8)
     scale_base_tokens: int = 1024
