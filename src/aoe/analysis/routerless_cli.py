@@ -83,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.report:
         figure = Path(args.figure or Path(args.report).parent / "figures" / f"{args.section}.png")
-        plot_grid(result, figure)
+        written = [str(args.report)]
+        if plot_grid(result, figure):
+            written.append(str(figure))
         update_report_section(Path(args.report), args.section, report_section(result, figure, Path(args.report)))
-        print(f"wrote {args.report} and {figure}")
+        print(f"wrote {' and '.join(written)}")
     print(f"wrote {out_json}")
     return 0
 
@@ -162,8 +164,8 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_grid(result: dict, path: Path) -> None:
-    """Grouped bars: held-out perplexity per node, one bar per norm, reference rows as lines."""
+def plot_grid(result: dict, path: Path) -> bool:
+    """Plot held-out perplexity per node, one bar per norm, with the reference rows as lines; return whether it wrote ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,8 +173,8 @@ def plot_grid(result: dict, path: Path) -> None:
 
     corpora = list(result["corpora"])
     if not corpora:
-        # NOTE: a task-only run has no perplexity to plot and writes no figure.
-        return
+        # A task-only run has no perplexity to plot.
+        return False
     rows = result["rows"]
     nodes = [n for n in NODES if any(r["node"] == n for r in rows)]
     norms = [n for n in NORMS if any(r["norm"] == n for r in rows)]
@@ -197,6 +199,7 @@ def plot_grid(result: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+    return True
 
 
 def report_section(result: dict, figure: Path, report: Path) -> str:
