@@ -166,3 +166,20 @@ def test_trainer_on_two_ranks_then_one(mode, single_run, data_dir, tmp_path):
     final = list_checkpoints(config.run_dir)[-1]
     assert final[0] == STEPS
     assert not is_dcp_checkpoint(final[1]), "a single process writes the single-process format"
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ep"])
+def test_single_process_checkpoint_resumes_on_two_ranks(mode, single_run, data_dir, tmp_path):
+    # The single-process run stopped after step 4; two ranks of 2 sequences continue it with the
+    # same global batch, so steps 5 to 8 repeat the uninterrupted run.
+    config = run_config(data_dir, tmp_path, "scaled", GLOBAL_BATCH // 2, mode)
+    shutil.copytree(single_run.run_dir, config.run_dir)
+    shutil.rmtree(list_checkpoints(config.run_dir)[-1][1])
+    (config.run_dir / "config.json").write_text(json.dumps(config.to_dict()))
+
+    run_ranks(train_worker, 2, config.to_dict())
+    expected = train_losses(single_run.run_dir)
+    losses = train_losses(config.run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in range(INTERVAL + 1, STEPS + 1):
+        assert abs(losses[step] - expected[step]) <= LOSS_TOLERANCE, f"step {step}: {losses[step]:.6f} vs {expected[step]:.6f}"

@@ -550,18 +550,63 @@ def load_any_checkpoint(checkpoint, parallel: Parallelism, optimizer: torch.opti
 
     path = Path(checkpoint.path)
     if not is_dcp_checkpoint(path):
-        if parallel.mode in ("fsdp", "ep"):
-            raise NotImplementedError(
-                f"resuming the single-process checkpoint {path} with parallel.mode={parallel.mode!r} is not supported "
-                "because its optimizer state is not sharded by name; resume it with parallel.mode='ddp' or 'none'")
-        return ckpt.load_checkpoint(checkpoint, parallel.model, optimizer, restore_rng)
-
-    load_dcp(path / DCP_DIR, parallel, optimizer)
+        if parallel.mode in ("none", "ddp"):
+            return ckpt.load_checkpoint(checkpoint, parallel.model, optimizer, restore_rng)
+        _load_single_process_into_shards(path, parallel, optimizer)
+    else:
+        load_dcp(path / DCP_DIR, parallel, optimizer)
     state = json.loads((path / ckpt.STATE_JSON).read_text())
     state_tensors = load_file(str(path / ckpt.STATE_TENSORS))
     if restore_rng:
         ckpt.set_rng_state(state["rng"], state_tensors)
     return state, {key: value for key, value in state_tensors.items() if not key.startswith("rng.")}
+
+
+def _load_single_process_into_shards(path: Path, parallel: Parallelism, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a single-process checkpoint (whole tensors, optimizer state keyed by index) into FSDP2 or expert shards.
+
+    The saved optimizer numbers parameters in the order of its param groups. FSDP2 and expert
+    parallelism keep every module's parameter order, so the same optimizer construction gives
+    the same numbering, which maps the saved indices to parameter names.
+    """
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    from aoe.train import checkpoint as ckpt
+
+    model_state = load_file(str(path / ckpt.MODEL_FILE))
+    optim_state = None
+    if optimizer is not None:
+        saved = ckpt.unflatten_optimizer(load_file(str(path / ckpt.OPTIMIZER_TENSORS)),
+                                         json.loads((path / ckpt.OPTIMIZER_JSON).read_text()))
+        names = {id(param): name for name, param in parallel.model.named_parameters()}
+        ordered = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+        optim_state = {
+            "state": {ordered[index]: dict(entry) for index, entry in saved["state"].items()},
+            "param_groups": [{**group, "params": [ordered[i] for i in group["params"]]} for group in saved["param_groups"]],
+        }
+
+    if parallel.mode == "fsdp":
+        # Every rank holds the whole state; torch keeps each rank's shard of it.
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(parallel.module, model_state, options=options)
+        if optim_state is not None:
+            set_optimizer_state_dict(parallel.module, optimizer, optim_state, options=options)
+        return
+
+    rank = parallel.context.rank
+    for name, (param, dim, _) in parallel.expert_params.items():
+        size = param.shape[dim]
+        full_shape = model_state[name].shape
+        model_state[name] = model_state[name].narrow(dim, rank * size, size).contiguous()
+        entry = optim_state["state"].get(name, {}) if optim_state is not None else {}
+        for key, value in entry.items():
+            # Moments have the parameter's shape; scalars such as AdamW's step are replicated.
+            if isinstance(value, torch.Tensor) and value.shape == full_shape:
+                entry[key] = value.narrow(dim, rank * size, size).contiguous()
+    set_model_state_dict(parallel.module, model_state)
+    if optim_state is not None:
+        set_optimizer_state_dict(parallel.module, optimizer, optim_state)
 
 
 # ----- data-loader state -------------------------------------------------------------------
