@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", nargs="+", default=[], metavar="[NAME=]PATH",
                         help="held-out text for perplexity: .npy token files, text files or folders of .txt files")
     parser.add_argument("--tasks", nargs="+", default=[], help="lm-eval tasks, run through aoe's evaluation bridge")
-    parser.add_argument("--task-data", default="/work/shared/data/eval", help="folder with the local task files (default: the shared evaluation data)")
+    parser.add_argument("--task-data", default=None, help="folder with the local task files (required with --tasks)")
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens per corpus (default: 8192)")
     parser.add_argument("--seq-len", type=int, default=128, help="window length in tokens (default: 128)")
@@ -62,19 +62,24 @@ def parse_corpora(specs: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     if not args.corpus and not args.tasks:
         raise ValueError("nothing to measure: pass --corpus PATH (held-out perplexity) and/or --tasks NAME")
+    if args.tasks and not (args.task_data and Path(args.task_data).is_dir()):
+        raise ValueError(f"invalid --task-data={args.task_data!r}: --tasks needs the folder with the local task files")
     for name in ("max_tokens", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"invalid --{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
     if args.threads:
         torch.set_num_threads(args.threads)
+
     model, tokenizer = load_causal_lm(args.model)
     corpora = {name: token_windows(held_out_tokens(path, tokenizer, args.max_tokens), args.seq_len)
                for name, path in parse_corpora(args.corpus).items()}
+    # The router ignores the norm, so it gets one row; the two references come first and last.
     settings = [("original", None)]
-    settings += [(node, None) if node == "router" else (node, norm) for node in args.node
-                 for norm in (args.norm if node != "router" else args.norm[:1])]
+    for node in args.node:
+        settings += [("router", None)] if node == "router" else [(node, norm) for norm in args.norm]
     settings.append(("random", None))
     rows = run_grid(model, settings, corpora, args, tokenizer)
+
     result = {"model": str(args.model), "top_k": args.top_k, "seq_len": args.seq_len,
               "corpora": {name: int(w[:, 1:].numel()) for name, w in corpora.items()},
               "tasks": args.tasks, "limit": args.limit, "threads": torch.get_num_threads(), "rows": rows}
