@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -21,6 +22,19 @@ from aoe.model.config import AttentionConfig, FFNConfig, ModelConfig
 
 # A collective that waits longer than this fails the test instead of hanging it.
 COLLECTIVE_TIMEOUT_S = 60
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Give the single-process references one intra-op thread, like each forked rank.
+
+    Two ranks and a reference then never compete for the cores, and the reference runs the same
+    kernels as the ranks. Test modules import this fixture to use it.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _entry(rank: int, fn: Callable, world_size: int, store: str, out_dir: str, args: tuple) -> None:

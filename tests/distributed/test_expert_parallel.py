@@ -16,7 +16,7 @@ import torch.distributed as dist
 from aoe.layers.expert_parallel import EXPERT_DIM, ExpertParallelBank, shard_experts
 from aoe.layers.moe import build_ffn
 from aoe.model.config import FFNConfig
-from dist_harness import run_ranks
+from dist_harness import run_ranks, single_thread  # noqa: F401 (autouse fixture)
 
 WORLD = 2
 D_MODEL = 16

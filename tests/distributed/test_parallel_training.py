@@ -17,7 +17,7 @@ import torch
 
 from aoe.model.decoder import Transformer
 from aoe.train.distributed import DistributedContext, ParallelConfig, init_distributed, load_dcp, parallelize, save_dcp
-from dist_harness import run_ranks, tiny_model_config
+from dist_harness import run_ranks, single_thread, tiny_model_config  # noqa: F401 (autouse fixture)
 
 WORLD = 2
 STEPS = 20

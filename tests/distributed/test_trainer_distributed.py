@@ -20,7 +20,7 @@ from aoe.train.checkpoint import list_checkpoints, load_model
 from aoe.train.config import CheckpointConfig, DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
 from aoe.train.distributed import ParallelConfig, is_dcp_checkpoint, resume_loader
 from aoe.train.trainer import DataSources, train
-from dist_harness import run_ranks, tiny_model_config
+from dist_harness import run_ranks, single_thread, tiny_model_config  # noqa: F401 (autouse fixture)
 
 SEQ_LEN = 32
 STEPS = 8
