@@ -43,7 +43,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,9 +56,9 @@ from aoe.layers.routing import RoutingStats
 log = logging.getLogger(__name__)
 
 PARALLEL_MODES = ("none", "ddp", "fsdp", "ep")
+BACKENDS = ("auto", "nccl", "gloo")
 # Sub-folder of a checkpoint that contains the DCP files of a multi-process run.
 DCP_DIR = "dcp"
-BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ParallelConfig:
 
     # none | ddp | fsdp | ep (expert parallelism; ffn.n_experts must be a multiple of the world size)
     mode: str = "none"
-    # auto picks nccl when CUDA is available and gloo otherwise.
+    # auto picks nccl when train.device is CUDA and gloo otherwise.
     backend: str = "auto"
     # FSDP2: free the gathered parameters of a block after its forward and gather them again
     # for the backward (less memory, one more all-gather per block).
