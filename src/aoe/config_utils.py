@@ -75,6 +75,23 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as exc:  # a required field without a default
         raise ConfigError(f"invalid {prefix or cls.__name__}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(_qualify(str(exc), prefix)) from None
+
+
+def _qualify(message: str, prefix: str) -> str:
+    """Prefix a nested section's error with its parents ("invalid ffn.top_k" -> "invalid model.ffn.top_k").
+
+    A section's own checks name fields relative to the section (``ffn.top_k``); the full path is
+    what a user types in a config file or override.
+    """
+    parents = prefix.rstrip(".").split(".")[:-1]
+    if not parents or not message.startswith("invalid "):
+        return message
+    parent = ".".join(parents) + "."
+    if message.startswith(f"invalid {parent}"):
+        return message
+    return f"invalid {parent}{message[len('invalid '):]}"
 
 
 def _coerce(value: Any, tp: Any, field: str) -> Any:

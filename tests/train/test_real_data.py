@@ -66,7 +66,7 @@ def test_truncated_shard_message_reaches_the_user(tmp_path, prepared_data):
 def test_cli_bad_override_is_one_line(capsys):
     assert main(["train", "tiny-moe", "model.ffn.top_k=9"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "aoe train: error: invalid ffn.top_k=9: expected an integer from 1 to n_experts=8"
+    assert err == "aoe train: error: invalid model.ffn.top_k=9: expected an integer from 1 to n_experts=8"
 
 
 def test_cli_trains_then_resumes_finished_run(tmp_path, prepared_data, capsys):
