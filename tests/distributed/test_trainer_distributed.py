@@ -26,7 +26,7 @@ SEQ_LEN = 32
 STEPS = 8
 INTERVAL = 4
 GLOBAL_BATCH = 4
-LOSS_TOLERANCE = 2e-4
+LOSS_TOLERANCE = 2e-5
 
 
 @pytest.fixture(scope="module")
