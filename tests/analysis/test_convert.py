@@ -17,6 +17,15 @@ D_MODEL, D_FFN, EXPERTS, VOCAB = 32, 16, 4, 64
 IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These shapes are tiny, and on a loaded CPU a second thread made each op several times slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_moe() -> Transformer:
     config = ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layers=2, max_seq_len=64,
                          attention=AttentionConfig(n_heads=4, n_kv_heads=2),

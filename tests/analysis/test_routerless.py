@@ -15,6 +15,15 @@ transformers = pytest.importorskip("transformers")
 HIDDEN, EXPERTS, WIDTH, VOCAB = 32, 4, 16, 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These shapes are tiny, and on a loaded CPU a second thread made each op several times slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_hf_model(arch: str, top_k: int = 2):
     """A random-weight model, built once per module; the tests never change its weights."""

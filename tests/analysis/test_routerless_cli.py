@@ -35,7 +35,7 @@ def test_routerless_command_writes_grid_and_report(moe_folder, tmp_path):
     report = tmp_path / "doc.md"
     report.write_text("intro\n")
     code = main(["routerless", str(moe_folder), "--corpus", f"held={moe_folder / 'held.npy'}", "--node", "gate",
-                 "output", "router", "--norm", "l2", "linf", "--seq-len", "15", "--out-json", str(tmp_path / "r.json"),
+                 "output", "router", "--norm", "l2", "linf", "--seq-len", "15", "--threads", "1", "--out-json", str(tmp_path / "r.json"),
                  "--report", str(report)])
     assert code == 0
     result = json.loads((tmp_path / "r.json").read_text())
@@ -62,7 +62,7 @@ def test_routerless_command_needs_something_to_measure(moe_folder, capsys):
 def test_convert_command_measures_before_and_after(moe_folder, tmp_path):
     held = moe_folder / "held.npy"
     code = main(["convert", str(moe_folder), "--out", str(tmp_path / "aoe"), "--d-low", "4", "16", "--corpus", str(held),
-                 "--seq-len", "15", "--train-tokens", str(held), "--steps", "1", "--batch-size", "2"])
+                 "--seq-len", "15", "--train-tokens", str(held), "--steps", "1", "--batch-size", "2", "--threads", "1"])
     assert code == 0
     result = json.loads((tmp_path / "aoe" / "convert.json").read_text())
     labels = [row["label"] for row in result["rows"]]
