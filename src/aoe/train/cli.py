@@ -8,6 +8,7 @@ instead).
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 
@@ -36,5 +37,7 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteError, CheckpointError) as exc:
         print(f"aoe train: error: {exc}", file=sys.stderr)
         return 1
-    print(f"run folder: {result.run_dir}")
+    # Under torchrun only the first rank reports, like the trainer's own logging.
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {result.run_dir}")
     return 0
