@@ -8,8 +8,8 @@ instead).
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 
 from aoe.train.checkpoint import CheckpointError
