@@ -11,7 +11,7 @@ from aoe.bench import cli
 from aoe.bench.cases import LayerShape, batched_mm_bytes, build_layer, layer_inputs, mixtral_block_from
 from aoe.bench.measure import PeakRSS, pin_malloc_mmap_threshold
 from aoe.bench.report import evaluate
-from aoe.bench.suite import Plan, Results, Row
+from aoe.bench.suite import Plan, Results, Row, run_model_group
 
 MIB = 1024**2
 
@@ -108,3 +108,15 @@ def test_quick_run_writes_every_table(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "AoE d_low 16 / MoE throughput (fp32)" in printed
     assert f"wrote {output}" in printed
+
+
+def test_model_peak_counts_training_state():
+    if not pin_malloc_mmap_threshold():
+        pytest.skip("glibc mallopt is not available here, so freed memory may stay in RSS")
+    plan = Plan.quick()
+    plan.d_model, plan.d_ffn, plan.d_lows, plan.model_vocab = 128, 512, (32,), 512
+    results = Results(plan)
+    run_model_group(plan, "fp32", results)
+    for row in results.model["fp32"]:
+        # fp32 parameters, their gradients and AdamW's two moments: at least 16 bytes per parameter
+        assert row.peak_bytes >= 16 * row.extra["params"], row.name

@@ -130,6 +130,11 @@ def render(results: Results, environment: dict[str, str], notes: list[str] | Non
         "from /proc/self/statm, with glibc's mmap threshold pinned at 64 KiB so that freed tensors "
         "leave RSS at once (no tracemalloc). Layer rows count activations and gradients; model rows "
         "count parameters, gradients, AdamW state and activations.",
+        "- bf16 on a CPU without bf16 matrix units: our expert GEMMs multiply bf16 operands in fp32 "
+        "and round the product to bf16 (`_CPUGroupedMM` in `aoe/layers/experts.py`), while the bf16 "
+        "peak is torch's own bf16 matmul kernel. A share above 100% means our path beats that "
+        "kernel, not the hardware. transformers' blocks, and the attention and output layers of the "
+        "whole model, use torch's bf16 kernels.",
         f"- Device: {plan.device}. `bench/gpu.sh` runs the same suite on one CUDA GPU "
         "(`aoe bench --device cuda`), with CUDA peak-allocated memory in place of RSS.", ""]
 

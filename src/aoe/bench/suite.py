@@ -198,12 +198,13 @@ def run_model_group(plan: Plan, dtype_name: str, results: Results) -> None:
         with memory_meter(plan.torch_device) as meter:
             case, model = model_case(name, config, plan.model_batch, seq_len, dtype, device=plan.torch_device)
             time_interleaved([case], 0 if name == "warm-up" else plan.repeats, f"model {dtype_name} {name}")
-        del model
-        if name == "warm-up":
-            continue
-        moe_flops = moe_flops or case.flops
-        rows.append(_row(case, peak_bytes=meter.delta, flop_ratio=moe_flops / case.flops,
-                         extra={"params": config.num_params()}))
+        if name != "warm-up":
+            moe_flops = moe_flops or case.flops
+            rows.append(_row(case, peak_bytes=meter.delta, flop_ratio=moe_flops / case.flops,
+                             extra={"params": config.num_params()}))
+        # The step closure holds the model and its optimizer. Both must be gone before the next
+        # model's baseline, or that baseline includes them and they are freed mid-measurement.
+        del case, model
     results.model[dtype_name] = rows
 
 
