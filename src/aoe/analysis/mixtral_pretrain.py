@@ -178,7 +178,15 @@ def sample_windows(tokens: np.ndarray, batch: int, seq_len: int, rng: np.random.
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Tokenize, train the Mixtral for the token budget, and save it; returns the output folder."""
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(cfg)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _pretrain(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out_dir)
     (out / "tokens").mkdir(parents=True, exist_ok=True)
     corpus = Path(cfg.corpus)
@@ -213,8 +221,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         output.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        ce = float(output.loss) - cfg.router_aux_loss_coef * float(output.aux_loss)
-        curve.append({"step": step, "ce": round(ce, 4), "aux": round(float(output.aux_loss), 4),
+        ce = float(output.loss.detach()) - cfg.router_aux_loss_coef * float(output.aux_loss.detach())
+        curve.append({"step": step, "ce": round(ce, 4), "aux": round(float(output.aux_loss.detach()), 4),
                       "grad_norm": round(float(grad_norm), 3)})
         progress.set_postfix(ce=f"{ce:.3f}", lr=f"{group['lr']:.2e}")
         if time.perf_counter() - start > cfg.max_minutes * 60:
