@@ -226,7 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bpe-vocab-size", type=int, default=8192, help="vocabulary of the BPE trained on the corpus (default 8192)")
     parser.add_argument("--max-bytes", type=int, default=16_000_000,
                         help="read at most this many bytes of text (default 16 MB, more than the training budget uses)")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per model (default 150)")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per model (default 120)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed (default 0)")
 
 
