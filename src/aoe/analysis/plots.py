@@ -42,7 +42,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
-    """Trailing mean over up to ``window`` values, so the first points average what exists so far."""
+    """Return the trailing mean over up to ``window`` values; the first points average the values so far."""
     out, total = [], 0.0
     for i, value in enumerate(values):
         total += value
@@ -153,9 +153,9 @@ def plot_toy(points: dict[str, tuple[Sequence[Sequence[float]], Sequence[int], S
              path: str | os.PathLike, history_every: int = 10) -> Path:
     """Draw the toy experiment: where each layer sends every point, and how concentrated the new class is.
 
-    ``points[kind] = (xy, label, expert)`` for one seed after stage 2; ``concentration[kind]``
-    has one value per seed; ``histories[kind]`` has, per seed, the new class's share of its main
-    expert at every ``history_every`` steps of stage 2.
+    ``points[kind] = (xy, label, expert)`` holds one seed's points after stage 2, and
+    ``concentration[kind]`` one value per seed. ``histories[kind]`` holds, per seed, the new
+    class's share of its main expert at every ``history_every`` steps of stage 2.
     """
     kinds = list(points)
     fig, axes = plt.subplots(1, len(kinds) + 2, figsize=(4.3 * (len(kinds) + 2), 4.0))

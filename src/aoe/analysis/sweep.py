@@ -440,6 +440,8 @@ def write_sweep_report(out: Path, report_path: Path, figures_dir: Path, prefix: 
         data_path = records[0].config["data"]["path"]
         lines += [f"Train the grid (finished runs are skipped; start it in several shells to run in parallel): "
                   f"`aoe sweep --out {out} --data {data_path}`. Rewrite this report: add `--report-only`.", ""]
+    planned = sum(count for _, count in grid_lib.default_grid())
+    lines += [f"Finished runs: {len(records)} (the default grid has {planned}).", ""]
     lines += _recipe_section(records)
     lines += _results_table(names, by_name)
     lines += _comparison_section(by_name)
