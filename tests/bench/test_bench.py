@@ -101,7 +101,7 @@ def test_quick_run_writes_every_table(tmp_path, monkeypatch, capsys):
     page = output.read_text()
     for heading in ("## Targets", "## MoE vs AoE at matched parameters, one layer, fp32",
                     "## Our MoE layer vs transformers' MixtralSparseMoeBlock, fp32", "## Whole model, fp32",
-                    "## Scaling, fp32", "No GPU was lent"):
+                    "## Scaling, fp32", "records no GPU"):
         assert heading in page
     assert "| AoE d_low 16 |" in page
     assert "transformers grouped_mm" in page

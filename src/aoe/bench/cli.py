@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     notes = []
     if plan.device == "cpu":
-        notes = ["No GPU was lent to the session that wrote this page, so it records no GPU (H200) numbers; "
+        notes = ["This run had no GPU, so the page records no GPU (H200) numbers. "
                  "`bench/gpu.sh` measures them on a machine with one.", ""]
     page = render(results, environment(started, load_before, plan.device), notes)
     write_atomic(args.output, page + "\n")

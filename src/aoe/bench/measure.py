@@ -101,7 +101,7 @@ class PeakCUDA:
 
 
 def memory_meter(device: torch.device) -> PeakRSS | PeakCUDA:
-    """The peak-memory meter for tensors on ``device``."""
+    """Return the peak-memory meter for tensors on ``device``."""
     return PeakCUDA(device) if device.type == "cuda" else PeakRSS()
 
 

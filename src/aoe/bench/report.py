@@ -15,8 +15,8 @@ MISS_REASONS = {
         "sort, the row gather, SiLU and its backward, the weighted index_add, and the auxiliary "
         "loss and statistics are memory-bound and count no FLOPs. The expert GEMMs themselves "
         "have only T*K/E rows per expert, which is less efficient than the square matmul that "
-        "sets the peak, and on a shared 2-core machine every barrier between threads waits for "
-        "a core that another process may hold."),
+        "sets the peak. With more than one thread on a shared machine, every barrier between "
+        "threads also waits for a core that another process may hold."),
     "utilisation_bf16": (
         "torch's bf16 GEMM on a CPU without bf16 units (AVX2 only) converts operands inside a slow "
         "kernel, and its speed depends on the operand layout (about 5x between a plain and a "
@@ -29,7 +29,7 @@ MISS_REASONS = {
         "layer (d_wide > d_ffn) also makes SiLU and the gate product larger."),
     "transformers": (
         "transformers' grouped_mm path runs the same expert GEMMs as ours (on CPU torch._grouped_mm "
-        "returns results bit-identical to our per-expert mm loop), so only the work around them "
+        "returns results bit-identical to our per-expert mm loop). Only the work around them "
         "differs: our step also computes the load-balancing loss and the routing statistics, "
         "ranks experts with a stable sort, and keeps the router in fp32."),
     "memory": (
@@ -120,6 +120,11 @@ def render(results: Results, environment: dict[str, str], notes: list[str] | Non
     out += [
         "- Timing: each case runs once to warm up, then all cases of a group run round-robin "
         f"{plan.repeats} times and keep the median. Every ratio below is between cases of one group.",
+        "- Noise: under load from other processes, a ratio between two cases still moves by several "
+        "percent from run to run, so a target that holds or misses by less than about 10% may flip "
+        "on a rerun. Whole models run one after another rather than round-robin (each needs the "
+        "memory to itself), so their throughput columns carry the full swing of the load; read "
+        "those tables for memory.",
         "- Training step: forward and backward of a layer (loss = <output, fixed random direction> "
         "plus the layer's auxiliary loss), or of the whole model plus an AdamW update.",
         "- FLOPs: the config's own count (`FFNConfig.forward_flops_per_token`, and "

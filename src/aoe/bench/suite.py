@@ -202,7 +202,7 @@ def run_model_group(plan: Plan, dtype_name: str, results: Results) -> None:
             moe_flops = moe_flops or case.flops
             rows.append(_row(case, peak_bytes=meter.delta, flop_ratio=moe_flops / case.flops,
                              extra={"params": config.num_params()}))
-        # The step closure holds the model and its optimizer. Both must be gone before the next
+        # The step closure references the model and its optimizer. Both must be gone before the next
         # model's baseline, or that baseline includes them and they are freed mid-measurement.
         del case, model
     results.model[dtype_name] = rows
