@@ -442,9 +442,10 @@ def write_sweep_report(out: Path, report_path: Path, figures_dir: Path, prefix: 
                   f"`aoe sweep --out {out} --data {data_path}`. Rewrite this report: add `--report-only`.", ""]
     planned = sum(count for _, count in grid_lib.default_grid())
     lines += [f"Finished runs: {len(records)} (the default grid has {planned}).", ""]
-    lines += _recipe_section(records)
+    reference = _unigram_reference(records)
+    lines += _recipe_section(records, reference)
     lines += _results_table(names, by_name)
-    lines += _comparison_section(by_name)
+    lines += _comparison_section(by_name, reference)
     missing = [n for n in GRID if n not in by_name]
     if missing:
         lines += ["## Missing configurations", "",
@@ -498,7 +499,17 @@ def write_sweep_report(out: Path, report_path: Path, figures_dir: Path, prefix: 
     return report_path
 
 
-def _recipe_section(records: list[RunRecord]) -> list[str]:
+def _unigram_reference(records: list[RunRecord]) -> float | None:
+    """The unigram cross-entropy on the validation tokens of the runs (None without runs or data)."""
+    if not records:
+        return None
+    config = records[0].config
+    data = config["data"]
+    val_tokens = config["train"]["eval_batches"] * data["micro_batch_size"] * (data["seq_len"] + 1)
+    return unigram_cross_entropy(data["path"], val_tokens)
+
+
+def _recipe_section(records: list[RunRecord], reference: float | None) -> list[str]:
     if not records:
         return ["No finished runs yet.", ""]
     config = records[0].config
@@ -522,8 +533,6 @@ def _recipe_section(records: list[RunRecord]) -> list[str]:
              f"- Validation: {config['train']['eval_batches']} batches of {data['micro_batch_size']} x {data['seq_len']} "
              "tokens from the held-out documents, after the last step.",
              ""]
-    val_tokens = config["train"]["eval_batches"] * data["micro_batch_size"] * (data["seq_len"] + 1)
-    reference = unigram_cross_entropy(data["path"], val_tokens)
     if reference is not None:
         lines[-1:-1] = [f"- Reference point: a unigram model (add-one smoothed token frequencies of the training "
                         f"split) scores {reference:.3f} nats per token on those validation tokens, and a uniform "
@@ -581,7 +590,7 @@ def _results_table(names: list[str], by_name: dict[str, list[RunRecord]]) -> lis
     return lines + [""]
 
 
-def _comparison_section(by_name: dict[str, list[RunRecord]]) -> list[str]:
+def _comparison_section(by_name: dict[str, list[RunRecord]], reference: float | None = None) -> list[str]:
     moe = [r.summary["val_loss"] for r in by_name.get(grid_lib.HEADLINE_MOE, [])]
     aoe = [r.summary["val_loss"] for r in by_name.get(grid_lib.HEADLINE_AOE, [])]
     moe_label, aoe_label = GRID[grid_lib.HEADLINE_MOE].label, GRID[grid_lib.HEADLINE_AOE].label
@@ -607,7 +616,15 @@ def _comparison_section(by_name: dict[str, list[RunRecord]]) -> list[str]:
             sentence += " With this many seeds that difference is within the seed-to-seed noise."
     else:
         sentence += "; with fewer than two seeds on one side the noise level is unknown."
-    return lines + [sentence, ""]
+    lines += [sentence, ""]
+    if reference is not None:
+        best = min(m_mean, a_mean)
+        note = f"The better of the two is {reference - best:.3f} nats below the unigram reference ({reference:.3f})."
+        if reference - best < 0.5:
+            note += (" Both models have learned little more than token frequencies, so this comparison describes "
+                     "the first steps of training, not trained language models.")
+        lines += [note, ""]
+    return lines
 
 
 def _entropy_table(sparse: list[str], labels: dict[str, str], ent_load: dict[str, list[float]],
