@@ -194,3 +194,60 @@ def test_bf16_weights_and_autocast_run(name):
         assert logits.dtype == torch.float32
         # bf16 keeps 8 mantissa bits: the logits move by a few percent of their size, not more.
         assert (logits - reference)[valid].abs().mean().item() < 0.05 * scale
+
+
+def folder_bytes(folder) -> dict:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("target", ["run", "parent", "inside"])
+def test_export_cli_protects_run_folder(tmp_path, target):
+    from aoe import cli
+
+    run_dir = write_run_dir(tmp_path / "r", build_model(small_config("dense")))
+    before = folder_bytes(run_dir)
+    out = {"run": run_dir, "parent": run_dir.parent, "inside": run_dir / "export"}[target]
+    assert cli.main(["export", str(run_dir), str(out), "--overwrite", "--no-tokenizer"]) == 2
+    assert folder_bytes(run_dir) == before
+    assert not (run_dir / "export").exists()
+
+
+def test_export_rejects_file_and_foreign_folder(tmp_path, capsys):
+    from aoe import cli
+
+    run_dir = write_run_dir(tmp_path / "r", build_model(small_config("dense")))
+    file_path = tmp_path / "passwd"
+    file_path.write_text("root:x:0:0\n")
+    assert cli.main(["export", str(run_dir), str(file_path), "--overwrite", "--no-tokenizer"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert file_path.read_text() == "root:x:0:0\n"
+
+    foreign = tmp_path / "data"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text("{}")
+    with pytest.raises(ValueError, match="contains no aoe_export.json"):
+        export.export_model(build_model(small_config("dense")), foreign, overwrite=True)
+    assert (foreign / "meta.json").read_text() == "{}"
+
+
+def test_export_overwrite_is_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder is accepted without --overwrite
+    export.export_model(build_model(small_config("dense"), seed=0), out)
+    first = folder_bytes(out)
+    assert "aoe_export.json" in first
+
+    def failing_copy(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export.shutil, "copyfile", failing_copy)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_model(build_model(small_config("dense"), seed=1), out, overwrite=True)
+    assert folder_bytes(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    monkeypatch.undo()
+    export.export_model(build_model(small_config("dense"), seed=1), out, overwrite=True)
+    second = folder_bytes(out)
+    assert second["model.safetensors"] != first["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from transformers import GenerationConfig
@@ -39,16 +40,71 @@ def load_tokenizer_files(spec: str | Path):
     return load_tokenizer(str(spec)).hf
 
 
+EXPORT_MARKER = "aoe_export.json"
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool = False, run_dir: str | Path | None = None) -> Path:
+    """Raise ValueError unless ``out_dir`` may receive an export; return it resolved.
+
+    The output may be a new path, an empty folder, or (with ``overwrite``) an earlier export,
+    recognised by its aoe_export.json. It may not be a file, and it may not be, contain or lie
+    inside ``run_dir``, because replacing it would delete the run's checkpoints.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out_dir} exists and is not a folder; give a new folder path")
+    if run_dir is not None:
+        run = Path(run_dir).expanduser().resolve()
+        relation = ("is" if out == run else "lies inside" if run in out.parents
+                    else "contains" if out in run.parents else None)
+        if relation is not None:
+            raise ValueError(f"output folder {out_dir} {relation} the run folder {run_dir}, and an export must not "
+                             "replace the run's checkpoints; choose a folder outside the run")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output folder {out_dir} exists and is not empty; pass --overwrite to replace an earlier export")
+        if not (out / EXPORT_MARKER).is_file():
+            raise ValueError(f"output folder {out_dir} is not empty and contains no {EXPORT_MARKER}, so it is not an "
+                             "earlier aoe export and --overwrite does not replace it; choose a new or empty folder")
+    return out
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk, so the rename never publishes unwritten data."""
+    from aoe.train.checkpoint import _fsync_dir
+
+    # The read-only open and fsync of _fsync_dir works on regular files as well as folders.
+    for path in [*root.rglob("*"), root]:
+        _fsync_dir(path)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the complete folder ``tmp`` to ``out``; an existing ``out`` is deleted only after that succeeds."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    # Two renames instead of one, because rename() cannot replace a non-empty folder.
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / out.name)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old / out.name, out)
+        old.rmdir()
+        raise
+    shutil.rmtree(old)
+
+
 def export_model(model: Transformer, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
-                 provenance: dict | None = None) -> Path:
+                 provenance: dict | None = None, run_dir: str | Path | None = None) -> Path:
     """Write ``model`` (and ``tokenizer``, a HF tokenizer, if given) as a HF folder; returns its path.
 
     The folder is written next to ``out_dir`` under a temporary name and renamed into place, so
-    a failed export never leaves a half-written model folder.
+    a failed export leaves neither a half-written folder nor a deleted earlier export. See
+    ``check_output_dir`` for which output folders are accepted (``run_dir`` is protected).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"output folder {out_dir} exists and is not empty; pass --overwrite to replace it")
+    out = check_output_dir(out_dir, overwrite, run_dir)
     bos = eos = pad = None
     if tokenizer is not None:
         bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -63,21 +119,23 @@ def export_model(model: Transformer, out_dir: str | Path, tokenizer=None, overwr
                                                   pad_token_id=pad if pad is not None else eos,
                                                   max_length=model.config.max_seq_len)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    hf_model.save_pretrained(tmp, safe_serialization=True)
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(HF_DIR / name, tmp / name)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    info = {"native_model_config": to_dict(model.config), **(provenance or {})}
-    (tmp / "aoe_export.json").write_text(json.dumps(info, indent=2) + "\n")
-
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise ValueError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from exc
+    try:
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(HF_DIR / name, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        info = {"native_model_config": to_dict(model.config), **(provenance or {})}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        _fsync_tree(tmp)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -89,10 +147,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer folder, tokenizer.json or SentencePiece .model "
                              "(default: the tokenizer folder of the run's data.path)")
     parser.add_argument("--no-tokenizer", action="store_true", help="export the model without tokenizer files")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export (a folder with aoe_export.json)")
 
 
 def run(args: argparse.Namespace) -> int:
+    # Checked before the model loads, so a wrong output path fails at once.
+    check_output_dir(args.out_dir, args.overwrite, args.run_dir)
     model, config = load_run_model(args.run_dir, step=args.step)
     tokenizer = None
     if not args.no_tokenizer:
@@ -103,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
                                     "pass --tokenizer PATH or --no-tokenizer")
         tokenizer = load_tokenizer_files(spec)
     out = export_model(model, args.out_dir, tokenizer, overwrite=args.overwrite,
-                       provenance={"run_dir": str(Path(args.run_dir).resolve()), "step": args.step})
+                       provenance={"run_dir": str(Path(args.run_dir).resolve()), "step": args.step},
+                       run_dir=args.run_dir)
     print(f"exported {args.run_dir} -> {out}")
     return 0
