@@ -139,3 +139,43 @@ def test_eval_batches_deterministic(dataset):
     assert [s for b in first for s in _window_starts(b)] == list(range(312))
     assert torch.equal(first[0].labels, first[0].input_ids + 1)
     assert len(list(eval_batches(dataset, 50, SEQ_LEN, max_batches=2))) == 2
+
+
+def _write_folder(out, tokens, vocab_size, dtype="uint16"):
+    """A one-shard train split with a correct checksum and the given meta.json vocab_size and dtype."""
+    out.mkdir(exist_ok=True)
+    sha256 = write_shard(out / "train_00000.bin", tokens)
+    shards = {"train": [{"file": "train_00000.bin", "num_tokens": int(tokens.size), "sha256": sha256}]}
+    meta = {"format": META_FORMAT, "version": META_VERSION, "vocab_size": vocab_size, "dtype": dtype, "shards": shards}
+    write_json_atomic(out / "meta.json", meta)
+    return out
+
+
+def test_ids_beyond_vocab_rejected(tmp_path):
+    tokens = np.arange(100, dtype=np.uint16)
+    assert len(TokenDataset(_write_folder(tmp_path / "fits", tokens, 100), "train")) == 100
+
+    folder = _write_folder(tmp_path / "small_vocab", tokens, 99)
+    with pytest.raises(ValueError, match=r"train_00000\.bin contains token id 99, but meta.json records vocab_size 99"):
+        TokenDataset(folder, "train")
+    # The unverified path skips the full read, as documented.
+    assert len(TokenDataset(folder, "train", verify=False)) == 100
+
+
+def test_meta_vocab_must_fit_dtype(tmp_path):
+    tokens = np.arange(10, dtype=np.uint16)
+    with pytest.raises(ValueError, match="vocab_size 70000, but dtype uint16 stores ids up to 65535"):
+        TokenDataset(_write_folder(tmp_path / "a", tokens, 70000), "train")
+    assert TokenDataset(_write_folder(tmp_path / "b", tokens, 65536), "train").vocab_size == 65536
+    for bad in (0, "300", None, 2.5):
+        with pytest.raises(ValueError, match="expected a positive integer"):
+            TokenDataset(_write_folder(tmp_path / "c", tokens, bad), "train")
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        TokenDataset(_write_folder(tmp_path / "d", tokens, 300, dtype="int8"), "train")
+
+
+def test_missing_shard_names_prepare(tmp_path):
+    folder = _write_folder(tmp_path / "gone", np.arange(10, dtype=np.uint16), 300)
+    (folder / "train_00000.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train_00000\.bin listed in meta.json is missing; run `aoe prepare` again"):
+        TokenDataset(folder, "train")

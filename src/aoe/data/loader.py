@@ -31,8 +31,9 @@ class Batch:
 class TokenDataset:
     """The token stream of one split of a prepared folder, memory-mapped from its shards.
 
-    Opening checks every shard's header, size and SHA-256 against meta.json (``verify=False``
-    skips the checksum, which reads every byte, but keeps the header and size checks).
+    Opening checks every shard's header, size and SHA-256 against meta.json, and that no token
+    id reaches meta.json's vocab_size. ``verify=False`` skips the checksum and the id check,
+    which read every byte, but keeps the header and size checks.
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str = "train", verify: bool = True):
@@ -42,7 +43,8 @@ class TokenDataset:
             raise ValueError(f"split must be one of {sorted(self.meta['shards'])}, got {split!r}")
         self.split = split
         self._shards = [
-            open_shard(self.data_dir / s["file"], s["num_tokens"], s["sha256"] if verify else None)
+            open_shard(self.data_dir / s["file"], s["num_tokens"], s["sha256"] if verify else None,
+                       self.vocab_size if verify else None)
             for s in self.meta["shards"][split]
         ]
         for shard, info in zip(self._shards, self.meta["shards"][split]):

@@ -442,5 +442,5 @@ def verify_prepared(data_dir: str | os.PathLike) -> dict:
     meta = read_meta(data_dir)
     for split_shards in meta["shards"].values():
         for shard in split_shards:
-            open_shard(Path(data_dir) / shard["file"], shard["num_tokens"], shard["sha256"])
+            open_shard(Path(data_dir) / shard["file"], shard["num_tokens"], shard["sha256"], meta["vocab_size"])
     return meta
