@@ -235,3 +235,57 @@ def test_single_jsonl_file_input(tmp_path):
     assert all(source.startswith("only.jsonl:") for source in meta["val_documents"])
     with pytest.raises(ValueError, match="no text field 'text'"):
         prepare_corpus(tmp_path / "out2", input_path=path, bpe_vocab_size=300)
+
+
+def test_invalid_jsonl_inputs_named(tmp_path):
+    not_gzip = tmp_path / "plain.jsonl.gz"
+    not_gzip.write_text(json.dumps({"text": "not compressed"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"plain\.jsonl\.gz is not a valid gzip file"):
+        prepare_corpus(tmp_path / "out", input_path=not_gzip, bpe_vocab_size=300)
+
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(gzip.compress((json.dumps({"text": "x" * 1000}) + "\n").encode())[:30])
+    with pytest.raises(ValueError, match=r"cut\.jsonl\.gz is not a valid gzip file"):
+        prepare_corpus(tmp_path / "out", input_path=truncated, bpe_vocab_size=300)
+
+    for line_two, type_name in (("[\"a\", \"b\"]", "list"), ("null", "NoneType"), ("42", "int")):
+        path = tmp_path / f"{type_name}.jsonl"
+        path.write_text('{"text": "fine"}\n{"text": ' + line_two + "}\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=rf"{type_name}\.jsonl:2: text field 'text' is {type_name} .*expected a string"):
+            prepare_corpus(tmp_path / "out", input_path=path, bpe_vocab_size=300)
+
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"text": "ok"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: invalid UTF-8"):
+        prepare_corpus(tmp_path / "out", input_path=latin1, bpe_vocab_size=300)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_path_under_file_rejected(tmp_path):
+    corpus = tmp_path / "corpus"
+    _write_corpus(corpus)
+    taken = tmp_path / "taken"
+    taken.write_text("keep me", encoding="utf-8")
+    for out in (taken, taken / "sub"):
+        with pytest.raises(ValueError, match=r"taken is a file; give another path for --out"):
+            prepare_corpus(out, input_path=corpus, bpe_vocab_size=300)
+    assert taken.read_text(encoding="utf-8") == "keep me"
+
+
+def test_unreached_bpe_vocab_noted(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    _write_corpus(corpus)
+    meta = prepare_corpus(tmp_path / "out", input_path=corpus, bpe_vocab_size=100_000, val_fraction=0.3)
+    reached = load_tokenizer(str(tmp_path / "out" / "tokenizer")).vocab_size
+    assert meta["vocab_size"] == reached
+    assert reached < 1000
+    printed = capsys.readouterr().out
+    assert f"the BPE vocabulary has {reached} tokens, fewer than the requested 100000" in printed
+    assert meta["tokenizer"].endswith(f"reached vocab_size {reached}")
+
+
+def test_dataset_non_string_text_rejected(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["first record", None, "third"]}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"record 1: column 'text' is NoneType None, expected a string"):
+        prepare_corpus(tmp_path / "out", dataset=str(tmp_path / "saved"), bpe_vocab_size=300)

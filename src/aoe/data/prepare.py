@@ -19,6 +19,7 @@ import os
 import shutil
 import sysconfig
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -101,21 +102,46 @@ def _read_text_file(path: Path, stats: CorpusStats) -> str:
 
 
 def _read_jsonl(path: Path, text_field: str, stats: CorpusStats, label: str) -> Iterator[Document]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for line_number, raw_line in enumerate(f, start=1):
-            stats.bytes_read += len(raw_line)
-            line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8").strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}:{line_number}: record has no text field {text_field!r} (found {keys}); set --text-field")
-            yield Document(f"{label}:{line_number}", str(record[text_field]))
+    compressed = path.name.lower().endswith(".gz")
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as f:
+            for line_number, raw_line in enumerate(f, start=1):
+                stats.bytes_read += len(raw_line)
+                record = _parse_jsonl_line(raw_line, path, line_number)
+                if record is None:
+                    continue
+                if not isinstance(record, dict) or text_field not in record:
+                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                    raise ValueError(f"{path}:{line_number}: record has no text field {text_field!r} (found {keys}); set --text-field")
+                text = record[text_field]
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{line_number}: text field {text_field!r} is {type(text).__name__} "
+                                     f"{_preview(text)}, expected a string; fix the record or set --text-field")
+                yield Document(f"{label}:{line_number}", text)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        if not compressed:
+            raise
+        raise ValueError(f"{path} is not a valid gzip file ({exc}); compress it with gzip or rename it to .jsonl") from exc
+
+
+def _parse_jsonl_line(raw_line: bytes, path: Path, line_number: int):
+    """Decode and parse one JSONL line; return None for a blank line."""
+    try:
+        line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}:{line_number}: invalid UTF-8 at byte {exc.start} of the line; JSONL files must be UTF-8") from exc
+    if not line:
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{line_number}: invalid JSON ({exc.msg})") from exc
+
+
+def _preview(value, max_chars: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
 def iter_file_documents(
@@ -181,6 +207,9 @@ def iter_dataset_documents(
         raise ValueError(f"dataset {name!r} has no column {text_field!r}; columns: {loaded.column_names}; set --text-field")
     for index, record in enumerate(loaded):
         text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"dataset {name!r} record {index}: column {text_field!r} is {type(text).__name__} "
+                             f"{_preview(text)}, expected a string; set --text-field to a text column")
         stats.bytes_read += len(text.encode("utf-8"))
         yield Document(f"{name}[{index}]", text)
 
@@ -331,6 +360,10 @@ def prepare_corpus(
     started = time.perf_counter()
     out = Path(out_dir)
     _check_arguments(input_path, dataset, tokenizer, bpe_vocab_size, val_fraction, max_documents, max_bytes, dtype, shard_tokens)
+    # The nearest existing ancestor must be a folder, or mkdir fails only after the corpus is read.
+    existing = next(path for path in (out, *out.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output path {out} cannot be a folder because {existing} is a file; give another path for --out")
     if (out / "meta.json").exists() and not overwrite:
         raise ValueError(f"output folder {out} already contains prepared data (meta.json); pass overwrite=True (--overwrite) to replace it")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -367,13 +400,22 @@ def prepare_corpus(
         print(f"training a byte-level BPE tokenizer (vocab_size {bpe_vocab_size}) on {len(splits['train'])} training documents")
         loaded_tokenizer = train_bpe_tokenizer((d.text for d in splits["train"]), bpe_vocab_size)
         tokenizer_spec = f"bpe:{bpe_vocab_size} (byte-level, trained on this corpus's training split)"
+        if loaded_tokenizer.vocab_size < bpe_vocab_size:
+            # BpeTrainer stops when no adjacent pair occurs min_frequency (2) times, which a small corpus reaches early.
+            print(f"note: the BPE vocabulary has {loaded_tokenizer.vocab_size} tokens, fewer than the requested "
+                  f"{bpe_vocab_size}, because the training text has no more merges; meta.json records "
+                  f"vocab_size {loaded_tokenizer.vocab_size}")
+            tokenizer_spec += f", reached vocab_size {loaded_tokenizer.vocab_size}"
     else:
         tokenizer_spec = str(tokenizer)
     if loaded_tokenizer.bos_id is None and loaded_tokenizer.eos_id is None:
         raise ValueError(f"tokenizer {tokenizer_spec} has neither a BOS nor an EOS token, so documents cannot be separated")
     shard_dtype = _shard_dtype(loaded_tokenizer.vocab_size, dtype)
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
     for stale in [*out.glob("train_*.bin"), *out.glob("val_*.bin"), out / "meta.json"]:
         stale.unlink(missing_ok=True)
     # Files of an earlier tokenizer (a tokenizer.model, say) must not outlive it.
