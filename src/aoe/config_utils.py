@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -67,10 +68,16 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if key not in fields:
             raise ConfigError(_unknown_key_message(key, list(fields), prefix))
         tp = _strip_optional(hints[key])
-        if _is_dataclass_type(tp) and isinstance(value, dict):
+        optional = tp is not hints[key]
+        if _is_dataclass_type(tp) and not (value is None and optional):
+            if not isinstance(value, dict):
+                example = next(f.name for f in dataclasses.fields(tp) if f.init)
+                raise ConfigError(f"invalid {prefix}{key}={value!r}: expected a mapping of fields such as "
+                                  f"{example} (in a file `{key}:` with indented fields; on the command line "
+                                  f"{prefix}{key}.{example}=...)")
             kwargs[key] = from_dict(tp, value, prefix=f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}", optional)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field without a default
@@ -94,33 +101,59 @@ def _qualify(message: str, prefix: str) -> str:
     return f"invalid {parent}{message[len('invalid '):]}"
 
 
-def _coerce(value: Any, tp: Any, field: str) -> Any:
-    """Convert strings from the command line (and ints in float fields) to the annotated type."""
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _coerce(value: Any, tp: Any, field: str, optional: bool = False) -> Any:
+    """Check a scalar against its annotated type, converting command-line strings and whole floats.
+
+    Bools are not integers here (``model.d_model=true`` is an error, not 1), integers are not
+    bools (``tie_embeddings=5`` is an error), and numbers must be finite. A str field takes only
+    strings; ``apply_overrides`` keeps an override's text as a string for such fields, so
+    ``train.run_name=123`` is the name "123", while a YAML ``run_name: 123`` must be quoted.
+    Other annotations (tuples, lists) are left to the dataclass's own checks.
+    """
     if value is None:
-        return None
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and tp in (int, float, bool):
+        if optional or tp not in _TYPE_WORDS:
+            return None
+        raise ConfigError(f"invalid {field}=None: expected {_TYPE_WORDS[tp]}, null is not allowed here")
+    if tp not in _TYPE_WORDS:
+        return value
+
+    def wrong() -> ConfigError:
+        return ConfigError(f"invalid {field}={value!r}: expected a value of type {tp.__name__} ({_TYPE_WORDS[tp]})")
+
+    if isinstance(value, str) and tp is not str:
         text = value.strip()
+        if tp is bool:
+            lowered = text.lower()
+            if lowered in ("true", "yes", "on"):
+                return True
+            if lowered in ("false", "no", "off"):
+                return False
+            raise wrong()
         try:
-            if tp is bool:
-                lowered = text.lower()
-                if lowered in ("true", "1", "yes", "on"):
-                    return True
-                if lowered in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError(text)
-            if tp is int:
-                number = float(text)
-                if not number.is_integer():
-                    raise ValueError(text)
-                return int(number)
-            return float(text)
+            number = float(text)
         except ValueError:
-            raise ConfigError(f"invalid {field}={value!r}: expected a value of type {tp.__name__}") from None
-    if tp is int and isinstance(value, float) and value.is_integer():
+            raise wrong() from None
+        value = number
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise wrong()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise wrong()
+    if not math.isfinite(value):
+        raise ConfigError(f"invalid {field}={value!r}: expected a finite number")
+    if tp is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise wrong()
         return int(value)
-    return value
+    return float(value)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -145,6 +178,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type | None
         keys = path.strip().split(".")
         node = data
         node_cls = cls
+        hint = None
         for depth, key in enumerate(keys):
             if node_cls is not None:
                 known = [f.name for f in dataclasses.fields(node_cls)]
@@ -154,7 +188,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type | None
                 hint = _strip_optional(_resolve_hints(node_cls)[key])
                 node_cls = hint if _is_dataclass_type(hint) else None
             if depth == len(keys) - 1:
-                node[key] = parse_value(raw)
+                value = parse_value(raw)
+                if hint is str and value is not None and not isinstance(value, str):
+                    value = raw.strip()  # train.run_name=123 names the run "123"
+                node[key] = value
             else:
                 node = node.setdefault(key, {})
                 if not isinstance(node, dict):
@@ -163,19 +200,46 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type | None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a config file (.json, .yaml or .yml) into a dict."""
+    """Read a config file (.json, .yaml or .yml) into a dict; every problem is a one-line ConfigError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
+    if not path.is_file():
+        raise ConfigError(f"invalid config file {path}: it is not a regular file")
+    if not path.name.endswith(_CONFIG_SUFFIXES):
+        raise ConfigError(f"invalid config file {path}: expected a .json, .yaml or .yml file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if not text.strip():
+        raise ConfigError(f"config file {path} is empty; write the config sections (or `preset: NAME`) into it")
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid config file {path}: {_yaml_error(exc)}") from None
+        if data is None:
+            raise ConfigError(f"config file {path} is empty (only comments); write the config sections into it")
     else:
-        raise ConfigError(f"invalid config file {path}: expected a .json, .yaml or .yml file")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"invalid config file {path}: not valid JSON ({exc.msg} at line {exc.lineno} "
+                              f"column {exc.colno})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config file {path}: the top level must be a mapping")
     return data
+
+
+_CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _yaml_error(exc: Exception) -> str:
+    """One line from a PyYAML error: what went wrong and where (1-based line and column)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    return f"YAML syntax error: {problem}{where}"

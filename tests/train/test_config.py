@@ -63,12 +63,6 @@ def test_auto_vocab_reads_the_data_folder(tmp_path):
     assert check_data(config)["vocab_size"] == 300
 
 
-def _bad_yaml(tmp_path, text):
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    return str(path)
-
-
 # (case id, spec, overrides, data folder setup or None, expected message regex)
 BAD_CASES = [
     ("top_k above n_experts", "tiny-moe", ["model.ffn.top_k=9"], None, r"top_k=9: expected an integer from 1 to n_experts=8"),
@@ -82,7 +76,7 @@ BAD_CASES = [
     ("unknown selection", "tiny-moe", ["model.ffn.selection=top_q"], None, r"selection='top_q'"),
     ("unknown score norm", "tiny-aoe", ["model.ffn.score_norm=l3"], None, r"score_norm='l3'"),
     ("top_p above one", "tiny-moe", ["model.ffn.top_p=1.5"], None, r"top_p=1.5"),
-    ("negative lr", "tiny-moe", ["optim.lr=-1e-3"], None, r"optim.lr=-0.001: expected a number > 0"),
+    ("negative lr", "tiny-moe", ["optim.lr=-1e-3"], None, r"optim.lr=-0.001: expected a finite number > 0"),
     ("zero lr", "tiny-moe", ["optim.lr=0"], None, r"optim.lr=0"),
     ("min_lr above lr", "tiny-moe", ["schedule.min_lr=0.1"], None, r"schedule.min_lr=0.1: expected at most the peak optim.lr"),
     ("warmup not below max_steps", "tiny-moe", ["schedule.warmup_steps=600"], None, r"warmup_steps=600: expected an integer from 0 to max_steps-1=599"),
@@ -119,13 +113,36 @@ BAD_CASES = [
     ("data vocab above model", "tiny-moe", [], "big-vocab", r"model.vocab_size=8192: expected at least the data's vocabulary size 32000"),
     ("empty corpus", "tiny-moe", [], "empty", r"the corpus is empty or too small"),
     ("auto vocab without data", "tiny-moe", ["model.vocab_size=auto"], "absent", r"data.path=.*expected an existing folder"),
+    ("section as number", "tiny-moe", ["model=5"], None, r"invalid model=5: expected a mapping of fields such as vocab_size"),
+    ("nested section null", "tiny-moe", ["model.ffn=null"], None, r"invalid model.ffn=None: expected a mapping of fields"),
+    ("section as list", "tiny-moe", ["optim=[1,2]"], None, r"invalid optim=\[1, 2\]: expected a mapping of fields"),
+    ("file section as number", "yaml:model: 5\n", [], None, r"invalid model=5: expected a mapping of fields"),
+    ("auto vocab with data as number", "yaml:data: 5\nmodel:\n  vocab_size: auto\n", [], None, r"expected an existing folder|invalid data=5"),
+    ("YAML syntax error", "yaml:optim:\n  lr: [0.1\n", [], None, r"invalid config file .*bad.yaml: YAML syntax error: .* at line 3 column 1"),
+    ("YAML tab indentation", "yaml:optim:\n\tlr: 0.1\n", [], None, r"invalid config file .*bad.yaml: YAML syntax error: .*line 2"),
+    ("empty YAML file", "yaml:", [], None, r"config file .*bad.yaml is empty"),
+    ("YAML file of comments", "yaml:# nothing yet\n", [], None, r"config file .*bad.yaml is empty"),
+    ("JSON syntax error", "json:{\"optim\": {\"lr\": }}", [], None, r"invalid config file .*bad.json: not valid JSON \(Expecting value at line 1 column 18\)"),
+    ("folder as config file", "dir:", [], None, r"invalid config file .*: it is not a regular file"),
+    ("device as config file", "/dev/null", [], None, r"invalid config file /dev/null: it is not a regular file"),
+    ("bool as integer", "tiny-moe", ["model.d_model=true"], None, r"invalid model.d_model=True: expected a value of type int"),
+    ("integer as bool", "tiny-moe", ["model.tie_embeddings=5"], None, r"invalid model.tie_embeddings=5: expected a value of type bool \(true or false\)"),
+    ("number as run name in a file", "yaml:train:\n  run_name: 123\n", [], None, r"invalid train.run_name=123: expected a value of type str"),
+    ("null integer", "tiny-moe", ["model.d_model=null"], None, r"invalid model.d_model=None: expected an integer, null is not allowed"),
+    ("infinite lr", "tiny-moe", ["optim.lr=inf"], None, r"invalid optim.lr=inf: expected a finite number"),
+    ("NaN lr", "tiny-moe", ["optim.lr=NaN"], None, r"invalid optim.lr=nan: expected a finite number"),
+    ("infinite peak FLOP/s", "tiny-moe", ["train.peak_flops=Infinity"], None, r"invalid train.peak_flops=inf"),
 ]
 
 
 @pytest.mark.parametrize("case, spec, overrides, data_setup, message", BAD_CASES, ids=[c[0] for c in BAD_CASES])
 def test_bad_config_message(tmp_path, case, spec, overrides, data_setup, message):
-    if spec.startswith("yaml:"):
-        spec = _bad_yaml(tmp_path, spec[len("yaml:"):])
+    if spec.startswith(("yaml:", "json:")):
+        path = tmp_path / f"bad.{spec[:4]}"
+        path.write_text(spec[5:])
+        spec = str(path)
+    elif spec == "dir:":
+        spec = str(tmp_path)
     data = tmp_path / "data"
     if data_setup == "no-meta":
         data.mkdir()
@@ -146,6 +163,11 @@ def test_bad_config_message(tmp_path, case, spec, overrides, data_setup, message
 
 def test_bad_case_table_is_large():
     assert len(BAD_CASES) >= 30
+
+
+def test_number_override_of_a_string_field_is_the_string():
+    config = load_run_config("tiny-moe", ["train.run_name=123", "data.path=1e3", "train.num_threads=null"])
+    assert config.train.run_name == "123" and config.data.path == "1e3" and config.train.num_threads is None
 
 
 def test_config_error_is_value_error():

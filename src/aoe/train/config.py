@@ -14,6 +14,7 @@ override) takes the vocabulary size from the data folder's meta.json.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ DEVICES = ("cpu", "cuda", "auto")
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -68,7 +73,7 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        check(isinstance(self.lr, (int, float)) and self.lr > 0, "optim.lr", self.lr, "expected a number > 0")
+        check(_finite(self.lr) and self.lr > 0, "optim.lr", self.lr, "expected a finite number > 0")
         betas = self.betas
         check(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0 <= b < 1 for b in betas),
               "optim.betas", betas, "expected two numbers in [0, 1), e.g. [0.9, 0.95]")
@@ -138,7 +143,8 @@ class TrainConfig:
             check(_positive_int(self.num_threads), "train.num_threads", self.num_threads,
                   "expected a positive integer or null")
         if self.peak_flops is not None:
-            check(self.peak_flops > 0, "train.peak_flops", self.peak_flops, "expected FLOP/s > 0 or null")
+            check(_finite(self.peak_flops) and self.peak_flops > 0, "train.peak_flops", self.peak_flops,
+                  "expected finite FLOP/s > 0 or null")
 
 
 @dataclass
@@ -246,7 +252,8 @@ def _resolve_auto_vocab(data: dict[str, Any]) -> None:
     model = data.get("model")
     if not isinstance(model, dict) or model.get("vocab_size") != "auto":
         return
-    path = data.get("data", {}).get("path", DataConfig.path)
+    section = data.get("data")
+    path = section.get("path", DataConfig.path) if isinstance(section, dict) else DataConfig.path
     model["vocab_size"] = read_data_meta(path)["vocab_size"]
 
 
