@@ -20,6 +20,7 @@ from aoe.train.checkpoint import (
     load_checkpoint,
     load_model,
     save_checkpoint,
+    sha256_file,
     verify_checkpoint,
 )
 from aoe.train.optim import build_optimizer
@@ -102,6 +103,14 @@ def test_keep_last_prunes_oldest(tmp_path):
     ("delete_state", "state.json is missing"),
     ("truncate_manifest", "manifest.json is not a valid manifest"),
     ("delete_manifest", "manifest.json is missing"),
+    ("manifest_entry_without_bytes", "manifest.json is not a valid manifest .*model.safetensors needs a 'sha256' string and a 'bytes'"),
+    ("manifest_files_list", "manifest.json is not a valid manifest .*'files' table"),
+    ("manifest_not_object", "manifest.json is not a valid manifest"),
+    ("state_not_json", "state.json is not valid JSON"),
+    ("state_without_step", "state.json is not a valid trainer state .*'step' must be a int"),
+    ("state_bool_step", "state.json is not a valid trainer state .*'step' must be a int, got True"),
+    ("optimizer_without_groups", "optimizer.json is not a valid optimizer state"),
+    ("model_not_safetensors", "model.safetensors is not a valid safetensors file"),
 ])
 def test_damaged_checkpoint_rejected_and_falls_back(tmp_path, damage, message):
     _, model, optimizer = trained_pair(tmp_path)
@@ -119,8 +128,31 @@ def test_damaged_checkpoint_rejected_and_falls_back(tmp_path, damage, message):
     elif damage == "truncate_manifest":
         text = (bad / "manifest.json").read_text()
         (bad / "manifest.json").write_text(text[: len(text) // 2])
-    else:
+    elif damage == "delete_manifest":
         (bad / "manifest.json").unlink()
+    elif damage.startswith("manifest_"):
+        manifest = json.loads((bad / "manifest.json").read_text())
+        if damage == "manifest_entry_without_bytes":
+            del manifest["files"][MODEL_FILE]["bytes"]
+        elif damage == "manifest_files_list":
+            manifest["files"] = list(manifest["files"])
+        else:
+            manifest = [manifest]
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        # A file rewritten together with its manifest entry: the sizes and digests match, only
+        # the structure shows the damage.
+        name, text = {
+            "state_not_json": (STATE_JSON, "{step: 8"),
+            "state_without_step": (STATE_JSON, json.dumps({"micro_step": 0})),
+            "state_bool_step": (STATE_JSON, json.dumps({**json.loads((bad / STATE_JSON).read_text()), "step": True})),
+            "optimizer_without_groups": ("optimizer.json", json.dumps({"state": {}})),
+            "model_not_safetensors": (MODEL_FILE, "not tensors"),
+        }[damage]
+        (bad / name).write_text(text)
+        manifest = json.loads((bad / "manifest.json").read_text())
+        manifest["files"][name] = {"sha256": sha256_file(bad / name), "bytes": (bad / name).stat().st_size}
+        (bad / "manifest.json").write_text(json.dumps(manifest))
 
     with pytest.raises(CheckpointError, match=message):
         verify_checkpoint(bad)
@@ -130,12 +162,15 @@ def test_damaged_checkpoint_rejected_and_falls_back(tmp_path, damage, message):
     assert fallback.step == 4
 
 
-def test_resave_replaces_damaged_checkpoint(tmp_path):
+def test_resave_keeps_damaged_checkpoint_aside(tmp_path):
     _, model, optimizer = trained_pair(tmp_path)
     bad = save(tmp_path, 8, model, optimizer)
     (bad / STATE_JSON).write_text("{}")
     save(tmp_path, 8, model, optimizer)
     verify_checkpoint(bad)
+    kept = bad.with_name(bad.name + ".rejected")
+    assert (kept / STATE_JSON).read_text() == "{}"
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [8]
 
 
 def test_partial_write_is_ignored_and_cleaned(tmp_path):
@@ -161,5 +196,13 @@ def test_load_model_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint for step=6 .*steps: 5"):
         load_model(tmp_path / "run", step=6)
     loaded, loaded_config = load_model(tmp_path / "run", step=5)
+    for text in ("{not json", "[1, 2]", json.dumps({"model": 5})):
+        config_path = tmp_path / "run" / "config.json"
+        good_text = config_path.read_text()
+        config_path.write_text(text)
+        with pytest.raises(CheckpointError, match=r"damaged run config .*config.json: ") as info:
+            load_model(tmp_path / "run")
+        assert "\n" not in str(info.value)
+        config_path.write_text(good_text)
     assert loaded_config == config
     assert torch.equal(loaded.layers[0].ffn.router.weight, model.layers[0].ffn.router.weight)

@@ -214,16 +214,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     _write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "step": step, "files": files})
     _fsync_dir(tmp)
 
-    if final.exists():
-        # A checkpoint of this step that failed verification earlier: move it aside first,
-        # because rename cannot replace a non-empty folder.
-        trash = root / f".trash-{final.name}-{os.getpid()}"
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(root)
+    install_checkpoint(tmp, final)
     prune_checkpoints(run_dir, keep_last)
     return final
 
@@ -264,10 +255,79 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Check every file of a checkpoint against its manifest; return the manifest.
+def _read_json(path: Path, checkpoint: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"corrupted checkpoint {checkpoint}: {path.name} is not valid JSON ({exc})") from None
 
-    Raises CheckpointError naming the first missing, truncated or modified file.
+
+def _check_manifest(manifest: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """Return the manifest's file table, or raise CheckpointError naming what is malformed."""
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"corrupted checkpoint {path}: {MANIFEST} is not a valid manifest ({reason})")
+
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise bad("expected an object with a 'files' table")
+    files = manifest["files"]
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"corrupted checkpoint {path}: {MANIFEST} does not list {name}")
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
+                or not isinstance(entry.get("bytes"), int) or isinstance(entry.get("bytes"), bool):
+            raise bad(f"the entry of {name} needs a 'sha256' string and a 'bytes' integer, got {entry!r}")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise bad(f"file name {name!r} points outside the checkpoint")
+    return files
+
+
+# Keys of state.json that resuming reads; save_checkpoint adds step and rng to the caller's state.
+STATE_KEYS = {"step": int, "micro_step": int, "tokens_seen": int, "loader": dict, "rng": dict}
+
+
+def _check_state(state: Any, path: Path) -> None:
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"corrupted checkpoint {path}: {STATE_JSON} is not a valid trainer state ({reason})")
+
+    if not isinstance(state, dict):
+        raise bad("expected an object")
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise bad(f"{key!r} must be a {kind.__name__}, got {state.get(key)!r}")
+    rng = state["rng"]
+    if not (isinstance(rng.get("python"), list) and len(rng["python"]) == 3
+            and isinstance(rng.get("numpy"), list) and len(rng["numpy"]) == 5):
+        raise bad("'rng' must hold the Python and NumPy generator states")
+
+
+def _check_optimizer(structure: Any, path: Path) -> None:
+    if isinstance(structure, dict) and structure.get("format") == "dcp":
+        return
+    if not (isinstance(structure, dict) and isinstance(structure.get("param_groups"), list)
+            and isinstance(structure.get("state"), dict)):
+        raise CheckpointError(f"corrupted checkpoint {path}: {OPTIMIZER_JSON} is not a valid optimizer state "
+                              "(expected an object with 'param_groups' and 'state')")
+
+
+def _check_tensor_file(file: Path, path: Path, required: tuple[str, ...] = ()) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = set(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise CheckpointError(f"corrupted checkpoint {path}: {file.name} is not a valid safetensors file ({exc})") from None
+    missing = [key for key in required if key not in keys]
+    if missing:
+        raise CheckpointError(f"corrupted checkpoint {path}: {file.name} lacks the tensors {', '.join(missing)}")
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check every file of a checkpoint against its manifest, and the structure of its JSON files.
+
+    Returns the manifest. Raises CheckpointError naming the first missing, truncated, modified
+    or malformed file, so that callers can fall back to an older checkpoint.
     """
     path = Path(path)
     manifest_path = path / MANIFEST
@@ -275,12 +335,9 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"incomplete checkpoint {path}: {MANIFEST} is missing")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"corrupted checkpoint {path}: {MANIFEST} is not a valid manifest ({exc})") from None
-    for name in REQUIRED_FILES:
-        if name not in files:
-            raise CheckpointError(f"corrupted checkpoint {path}: {MANIFEST} does not list {name}")
+    files = _check_manifest(manifest, path)
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -293,7 +350,31 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         if digest != expected["sha256"]:
             raise CheckpointError(f"corrupted checkpoint {path}: {name} has sha256 {digest[:12]}..., "
                                   f"the manifest records {expected['sha256'][:12]}...")
+    # The files match the manifest; a checkpoint written by other code (or edited together with
+    # its manifest) may still lack what loading reads.
+    _check_state(_read_json(path / STATE_JSON, path), path)
+    _check_optimizer(_read_json(path / OPTIMIZER_JSON, path), path)
+    _check_tensor_file(path / MODEL_FILE, path)
+    _check_tensor_file(path / STATE_TENSORS, path, required=("rng.torch",))
+    _check_tensor_file(path / OPTIMIZER_TENSORS, path)
     return manifest
+
+
+def scan_checkpoints(run_dir: str | Path) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """Verify checkpoints newest first; return the first good one (or None) and the rejected newer ones.
+
+    Each rejected checkpoint comes with the reason that names its bad file. Checkpoints older
+    than the good one are not read.
+    """
+    rejected = []
+    for found_step, path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            rejected.append((path, str(exc)))
+            continue
+        return Checkpoint(found_step, path), rejected
+    return None, rejected
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Checkpoint | None:
@@ -302,22 +383,48 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Checkpoint 
     A newer checkpoint that fails verification is skipped with a warning naming the bad file.
     With ``step`` given, a bad checkpoint raises CheckpointError instead.
     """
-    candidates = list_checkpoints(run_dir)
     if step is not None:
+        candidates = list_checkpoints(run_dir)
         matches = [path for s, path in candidates if s == step]
         if not matches:
             known = ", ".join(str(s) for s, _ in candidates) or "none"
             raise CheckpointError(f"no checkpoint for step={step} in {checkpoint_root(run_dir)} (steps: {known})")
         verify_checkpoint(matches[0])
         return Checkpoint(step, matches[0])
-    for found_step, path in reversed(candidates):
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as exc:
-            log.warning("skipping checkpoint: %s; falling back to an older one", exc)
-            continue
-        return Checkpoint(found_step, path)
-    return None
+    checkpoint, rejected = scan_checkpoints(run_dir)
+    for _, reason in rejected:
+        log.warning("skipping checkpoint: %s; falling back to an older one", reason)
+    return checkpoint
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a rejected checkpoint folder to NAME.rejected (or NAME.rejected-N) and return the new path.
+
+    The folder is kept for inspection rather than deleted; the new name is not a step_XXXXXXXX
+    name, so listing, resuming and pruning no longer see it.
+    """
+    target = path.with_name(f"{path.name}.rejected")
+    index = 1
+    while target.exists():
+        index += 1
+        target = path.with_name(f"{path.name}.rejected-{index}")
+    os.rename(path, target)
+    _fsync_dir(path.parent)
+    return target
+
+
+def install_checkpoint(tmp: Path, final: Path) -> None:
+    """Rename a complete temporary checkpoint folder to its final name.
+
+    A folder of that name already there failed verification earlier (a good one is never
+    written twice); it is set aside as NAME.rejected, because rename cannot replace a non-empty
+    folder and its files may still be worth inspecting.
+    """
+    if final.exists():
+        kept = set_aside(final)
+        log.warning("kept the rejected checkpoint %s as %s", final, kept.name)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -343,16 +450,31 @@ def load_model(run_dir: str | Path, step: int | None = None, device: str = "cpu"
     The model is returned in eval mode on ``device``.
     """
     from aoe.model.decoder import Transformer
-    from aoe.train.config import RunConfig
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"not a run folder: {config_path} is missing")
-    config = RunConfig.from_dict(json.loads(config_path.read_text()))
+    config = read_run_config(config_path)
     checkpoint = find_checkpoint(run_dir, step)
     if checkpoint is None:
         raise CheckpointError(f"no good checkpoint in {checkpoint_root(run_dir)}")
     model = Transformer(config.model).to(device)
-    model.load_state_dict(load_file(str(checkpoint.path / MODEL_FILE), device=str(device)))
+    try:
+        model.load_state_dict(load_file(str(checkpoint.path / MODEL_FILE), device=str(device)))
+    except RuntimeError as exc:  # tensor names or shapes that config.json does not describe
+        first_line = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {checkpoint.path} does not fit the model of {config_path}: "
+                              f"{first_line}") from None
     return model.eval(), config
+
+
+def read_run_config(config_path: Path):
+    """Read RUN/config.json as a RunConfig, raising CheckpointError naming the file when it is damaged."""
+    from aoe.train.config import RunConfig
+
+    try:
+        data = json.loads(config_path.read_text())
+        return RunConfig.from_dict(data)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise CheckpointError(f"damaged run config {config_path}: {exc}; restore it or delete the run folder") from None

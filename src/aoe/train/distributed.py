@@ -506,16 +506,7 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, parallel: Parall
         ckpt._write_json(tmp / ckpt.MANIFEST, {"format": ckpt.FORMAT_VERSION, "step": step, "files": files})
         for folder in (tmp / DCP_DIR, tmp):
             ckpt._fsync_dir(folder)
-        if final.exists():
-            # A checkpoint of this step that failed verification earlier: rename cannot replace
-            # a non-empty folder, so it moves aside first.
-            trash = root / f".trash-{final.name}-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash)
-        else:
-            os.rename(tmp, final)
-        ckpt._fsync_dir(root)
+        ckpt.install_checkpoint(tmp, final)
         ckpt.prune_checkpoints(run_dir, keep_last)
     parallel.barrier()
     return final
