@@ -566,7 +566,9 @@ def _results_table(names: list[str], by_name: dict[str, list[RunRecord]]) -> lis
              "Mean ± sample standard deviation over seeds. Tokens/s is the training throughput of each run "
              "(one thread; other jobs shared the machine, so treat it as rough). The paper's column is its "
              "average downstream accuracy (732M models, 100B tokens) for reference; it is not comparable "
-             "with these losses.", "",
+             "with these losses. Active parameters count the embedding table twice (input and output), as the "
+             "paper does, so a dense model with tied embeddings has more active than total parameters. Experts "
+             "per token is measured over training.", "",
              "| configuration | paper table | seeds | val loss | val ppl | Δ val loss vs MoE + L_aux | tokens/s | "
              "experts per token | active / total params | paper avg acc |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -587,7 +589,14 @@ def _results_table(names: list[str], by_name: dict[str, list[RunRecord]]) -> lis
                      f"{'' if math.isnan(active) else f'{active:.2f}'} | "
                      f"{_millions(summary.get('active_params'))} / {_millions(summary.get('total_params'))} | "
                      f"{'' if paper is None else f'{paper:.2f}'} |")
-    return lines + [""]
+    lines.append("")
+    for n in names:
+        active = mean_std([r.summary.get("mean_active_experts") for r in by_name[n]])[0]
+        top_k = by_name[n][0].config["model"]["ffn"].get("top_k", 0)
+        if GRID[n].selection == "top_p" and active > top_k:
+            lines += [f"{GRID[n].label} selected {active:.2f} experts per token on average (top-{top_k} rows select "
+                      f"{top_k}), so its expert compute per token is {active / top_k:.1f} times theirs.", ""]
+    return lines
 
 
 def _comparison_section(by_name: dict[str, list[RunRecord]], reference: float | None = None) -> list[str]:
