@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +93,65 @@ def test_eval_perplexity_only(tmp_path):
     assert report["perplexity"]["tokens"] == expected["tokens"]
     assert report["perplexity"]["ppl"] == pytest.approx(expected["ppl"], rel=1e-5)
     assert report["scores"] == {}
+
+
+def run_eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return cli.run(parser.parse_args(argv))
+
+
+def test_device_validated():
+    import torch
+
+    from aoe.eval.models import check_device
+
+    assert check_device("cpu") == "cpu"
+    for spec in ("tpu", "cuda:x", "meta"):
+        with pytest.raises(ValueError, match=rf"invalid --device '{spec}': expected one of cpu, cuda, mps"):
+            check_device(spec)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="invalid --device 'cuda': no CUDA GPU is available"):
+            check_device("cuda")
+    else:
+        with pytest.raises(ValueError, match="invalid --device 'cuda:99'"):
+            check_device("cuda:99")
+    # The device is checked before the model path, which does not exist here.
+    with pytest.raises(ValueError, match="invalid --device 'tpu'"):
+        run_eval(["/nonexistent/model", "--tasks", "none", "--perplexity", "--device", "tpu"])
+
+
+def test_output_checked_before_loading(tmp_path, monkeypatch):
+    from aoe.eval import models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(models, "load_lm", no_load)
+    run_dir = write_run_dir(tmp_path, build_model(small_config("dense")))
+    taken = tmp_path / "taken"
+    taken.write_text("keep", encoding="utf-8")
+    with pytest.raises(ValueError, match="it exists and is not a folder"):
+        run_eval([str(run_dir), "--tasks", "none", "--perplexity", "--output", str(taken)])
+    with pytest.raises(ValueError, match="taken is a file, so the folder cannot be created"):
+        run_eval([str(run_dir), "--tasks", "none", "--perplexity", "--output", str(taken / "sub")])
+    assert taken.read_text(encoding="utf-8") == "keep"
+    if Path("/proc/self").is_dir():
+        with pytest.raises(ValueError, match="cannot write to /proc"):
+            run_eval([str(run_dir), "--tasks", "none", "--perplexity", "--output", "/proc/aoe_eval_output"])
+
+
+def test_missing_model_errors(tmp_path, capsys):
+    from aoe.cli import main
+
+    assert main(["eval", str(tmp_path / "absent"), "--tasks", "none", "--perplexity"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="neither a run folder nor a Hugging Face model folder"):
+        run_eval([str(tmp_path / "plain"), "--tasks", "none", "--perplexity"])
+
+    run_dir = write_run_dir(tmp_path, build_model(small_config("dense")))
+    shutil.rmtree(run_dir / "checkpoints")
+    with pytest.raises(ValueError, match=f"no good checkpoint in {run_dir}"):
+        run_eval([str(run_dir), "--tasks", "none", "--perplexity"])

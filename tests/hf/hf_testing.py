@@ -52,6 +52,8 @@ def write_run_dir(root: Path, model: Transformer, tokenizer=None, step: int = 5)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    save_checkpoint(run_dir, step, model, optimizer, {}, {}, keep_last=1)
+    # The trainer-state keys that checkpoint verification requires; their values do not matter here.
+    state = {"micro_step": 0, "tokens_seen": 0, "loader": {}}
+    save_checkpoint(run_dir, step, model, optimizer, state, {}, keep_last=1)
     return run_dir
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the run's or the model folder's)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder (default: newest)")
     parser.add_argument("--no-bos", action="store_true", help="do not start requests with BOS")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
     parser.add_argument("--seed", type=int, default=1234, help="seed for few-shot example sampling")
     parser.add_argument("--perplexity", action="store_true",
                         help="also report held-out perplexity on the val split of a run folder's data.path")
@@ -49,6 +50,24 @@ def default_output(model: str, is_run: bool) -> Path:
     if is_run:
         return Path(model) / "eval"
     return Path("eval_results") / Path(model.rstrip("/")).name
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Raise ValueError unless results can be written under ``out_dir``; creates nothing.
+
+    Runs before the evaluation, so a wrong --output does not cost an evaluation run.
+    """
+    existing = next(path for path in (out_dir, *out_dir.absolute().parents) if path.exists())
+    if existing == out_dir and not out_dir.is_dir():
+        raise ValueError(f"invalid --output {out_dir}: it exists and is not a folder")
+    if not existing.is_dir():
+        raise ValueError(f"invalid --output {out_dir}: {existing} is a file, so the folder cannot be created")
+    try:
+        # A real file creation, because os.access grants root write access whatever the permission bits say.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ValueError(f"invalid --output {out_dir}: cannot write to {existing} ({exc.strerror or exc})") from exc
 
 
 def task_manager(data_dir: str | None):
@@ -93,9 +112,12 @@ def run_perplexity(run_dir: str, step: int | None, batch_size: int, max_batches:
 
 def run(args: argparse.Namespace) -> int:
     from aoe.eval.formats import find_task_file
-    from aoe.eval.models import load_lm
+    from aoe.eval.models import check_device, is_run_dir, load_lm
     from aoe.train.checkpoint import atomic_write_text
 
+    check_device(args.device)
+    out_dir = Path(args.output) if args.output else default_output(args.model, is_run_dir(args.model))
+    check_output_dir(out_dir)
     tasks = [] if args.tasks.strip().lower() == "none" else suite.parse_tasks(args.tasks)
     if not tasks and not args.perplexity:
         raise ValueError("--tasks none leaves nothing to evaluate; add --perplexity or name tasks")
@@ -110,7 +132,6 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_lm(args.model, tokenizer=args.tokenizer, step=args.step, batch_size=args.batch_size,
                      add_bos=not args.no_bos, device=args.device)
-    out_dir = Path(args.output) if args.output else default_output(args.model, loaded.kind == "run")
 
     perplexity = None
     if args.perplexity:

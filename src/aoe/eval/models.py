@@ -18,11 +18,37 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(spec: str) -> str:
+    """Raise ValueError unless ``spec`` names a cpu, cuda[:N] or mps device that this torch can use; return it."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid --device {spec!r}: expected one of {', '.join(DEVICE_TYPES)} (cuda:N for GPU N)") from exc
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"invalid --device {spec!r}: expected one of {', '.join(DEVICE_TYPES)} (cuda:N for GPU N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"invalid --device {spec!r}: no CUDA GPU is available (torch {torch.__version__}, {build}); "
+                             "use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"invalid --device {spec!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"invalid --device {spec!r}: MPS is not available on this machine; use --device cpu")
+    return spec
+
+
 def is_run_dir(path: str | Path) -> bool:
-    """Return whether ``path`` looks written by ``aoe train`` (config.json with a "model" key, and checkpoints/)."""
-    path = Path(path)
-    config = path / "config.json"
-    if not (config.is_file() and (path / "checkpoints").is_dir()):
+    """Return whether ``path`` looks written by ``aoe train``: a config.json with a "model" key.
+
+    A run without checkpoints/ still counts, so that loading it reports the missing checkpoint.
+    """
+    config = Path(path) / "config.json"
+    if not config.is_file():
         return False
     try:
         return "model" in json.loads(config.read_text())
@@ -55,7 +81,18 @@ def load_hf_lm(name_or_path: str, tokenizer: str | None = None, batch_size: int 
                device: str = "cpu", max_length: int | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=True, dtype=torch.float32)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"{name_or_path} is neither a run folder nor a Hugging Face model folder: it has no config.json")
+    if not path.exists() and name_or_path.startswith(("/", ".", "~")):
+        raise ValueError(f"model path {name_or_path} not found; give a run folder, an exported folder or a hub model name")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=True, dtype=torch.float32)
+    except OSError as exc:
+        # transformers raises OSError both for a missing local folder and for an unreachable hub name.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot load model {name_or_path!r}: it is not a local run or model folder, and loading it "
+                         f"as a Hugging Face hub name failed ({first_line})") from exc
     model = model.to(device).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=True)
     if max_length is None:
