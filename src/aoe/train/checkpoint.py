@@ -276,7 +276,8 @@ def _check_manifest(manifest: Any, path: Path) -> dict[str, dict[str, Any]]:
     for name, entry in files.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
                 or not isinstance(entry.get("bytes"), int) or isinstance(entry.get("bytes"), bool):
-            raise bad(f"the entry of {name} needs a 'sha256' string and a 'bytes' integer, got {entry!r}")
+            got = f"keys {sorted(entry)}" if isinstance(entry, dict) else type(entry).__name__
+            raise bad(f"the entry of {name} needs a 'sha256' string and a 'bytes' integer, got {got}")
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise bad(f"file name {name!r} points outside the checkpoint")
     return files
