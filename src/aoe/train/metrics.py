@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import resource
 import time
 from pathlib import Path
@@ -14,6 +16,8 @@ import torch
 
 from aoe.layers.routing import RoutingStats
 from aoe.train.checkpoint import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 PEAK_FILE = "peak_flops.json"
 
@@ -55,10 +59,16 @@ def peak_flops(run_dir: Path, device: torch.device, dtype: torch.dtype, threads:
     if path.is_file():
         try:
             cached = json.loads(path.read_text())
-            if all(cached.get(k) == v for k, v in key.items()) and cached.get("flops", 0) > 0:
-                return float(cached["flops"])
-        except json.JSONDecodeError:
-            pass
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            cached = None
+            log.warning("ignoring the damaged cache %s (%s); measuring the peak again", path, exc)
+        else:
+            flops = cached.get("flops") if isinstance(cached, dict) else None
+            if not (isinstance(flops, (int, float)) and not isinstance(flops, bool) and math.isfinite(flops) and flops > 0):
+                log.warning("ignoring the damaged cache %s (expected an object with FLOP/s > 0 under 'flops'); "
+                            "measuring the peak again", path)
+            elif all(cached.get(k) == v for k, v in key.items()):
+                return float(flops)
     # NOTE: the RNG state is saved and restored so that measuring leaves model initialisation
     # and any later sampling unchanged.
     rng = torch.get_rng_state()

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,11 +32,15 @@ from aoe.config_utils import ConfigError
 from aoe.layers.routing import RoutingStats
 from aoe.model.decoder import IGNORE_INDEX, Transformer
 from aoe.train.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointError,
     atomic_write_text,
+    checkpoint_root,
     clean_partial_writes,
-    find_checkpoint,
     list_checkpoints,
     save_checkpoint,
+    scan_checkpoints,
+    set_aside,
 )
 from aoe.train.config import RunConfig, check_data
 from aoe.train.distributed import (
@@ -49,6 +54,7 @@ from aoe.train.distributed import (
     save_distributed_checkpoint,
 )
 from aoe.train.metrics import (
+    PEAK_FILE,
     MetricsLog,
     RoutingSums,
     memory_mb,
@@ -200,10 +206,55 @@ def _flat_items(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return items
 
 
-def prepare_run_dir(config: RunConfig) -> tuple[Path, bool]:
-    """Create the run folder or check it against ``config``; return (folder, whether to resume)."""
+# Files and folders of a run folder: a wrong kind of entry under one of these names would fail
+# only after training started (at the first save, log line or evaluation).
+RUN_FILES = ("config.json", "metrics.jsonl", "train.log", "routing.json", "summary.json", "report.md", PEAK_FILE)
+RUN_FOLDERS = (CHECKPOINT_DIR, "tb")
+
+
+def _run_dir_error(path: Path, problem: str) -> ConfigError:
+    return ConfigError(f"invalid run folder entry {path}: {problem}; move it away or pick another "
+                       "train.out_dir or train.run_name")
+
+
+def create_run_dir(config: RunConfig) -> Path:
+    """Create the run folder, after checking that nothing in the way would fail later in the run."""
     run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(config.train.out_dir)
+    for path, field_name in ((out_dir, "train.out_dir"), (run_dir, "train.run_name")):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"invalid {field_name}: {path} is a file, expected a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"invalid train.out_dir={config.train.out_dir!r}: cannot create the run folder "
+                          f"{run_dir} ({exc.strerror})") from None
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.exists() and not path.is_file():
+            raise _run_dir_error(path, "expected a regular file, found a folder or special file")
+    for name in RUN_FOLDERS:
+        path = run_dir / name
+        if path.exists() and not path.is_dir():
+            raise _run_dir_error(path, "expected a folder, found a file")
+    return run_dir
+
+
+def _read_json_record(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"invalid run file {path}: not valid JSON ({exc}); restore it, or delete it "
+                          "(or the run folder) to start over") from None
+
+
+def prepare_run_dir(config: RunConfig) -> tuple[Path, bool]:
+    """Check the run folder against ``config`` and write config.json; return (folder, whether to resume).
+
+    ``create_run_dir`` must have made the folder. Files that resuming reads (config.json,
+    routing.json) are checked here, before any compute.
+    """
+    run_dir = config.run_dir
     clean_partial_writes(run_dir)
     config_path = run_dir / "config.json"
     new = json.loads(json.dumps(config.to_dict()))
@@ -212,24 +263,88 @@ def prepare_run_dir(config: RunConfig) -> tuple[Path, bool]:
         if not config.checkpoint.resume:
             raise ConfigError(f"invalid checkpoint.resume=False: run folder {run_dir} already contains checkpoints; "
                               "pick another train.run_name, delete the folder, or resume with checkpoint.resume=true")
-        old = _flat_items(json.loads(config_path.read_text()))
+        saved = _read_json_record(config_path)
+        if not isinstance(saved, dict):
+            raise ConfigError(f"invalid run file {config_path}: expected a JSON object of config sections; "
+                              "restore it, or delete the run folder to start over")
+        old = _flat_items(saved)
         for key, value in _flat_items(new).items():
             if key not in RESUMABLE_CHANGES and old.get(key, value) != value:
                 raise ConfigError(f"invalid {key}={value!r}: run folder {run_dir} contains a run with {key}="
                                   f"{old.get(key)!r}; resume with the same config or pick another train.run_name")
+    if has_checkpoints and (run_dir / "routing.json").is_file():
+        _check_routing_record(run_dir / "routing.json")
     atomic_write_text(config_path, json.dumps(new, indent=1))
     return run_dir, has_checkpoints
 
 
-def _configure_logging(run_dir: Path, progress_bar) -> logging.Handler:
-    class _ConsoleHandler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            message = self.format(record)
-            if progress_bar is not None:
-                progress_bar.write(message, file=sys.stderr)
-            else:
-                print(message, file=sys.stderr, flush=True)
+def _check_routing_record(path: Path) -> None:
+    routing = _read_json_record(path)
+    history = routing.get("train") if isinstance(routing, dict) else None
+    if not (isinstance(history, list)
+            and all(isinstance(h, dict) and isinstance(h.get("step"), int) for h in history)):
+        raise ConfigError(f"invalid run file {path}: expected an object whose 'train' list holds records with "
+                          "a 'step'; restore it, or delete it to restart the routing history")
 
+
+class RunLock:
+    """An exclusive lock on RUN/.lock for as long as one ``aoe train`` process uses the folder.
+
+    The kernel drops a flock when its process ends, even by SIGKILL, so a lock file left behind
+    never blocks a later run. The file records the holder's PID for the error message.
+    """
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        self.path = run_dir / ".lock"
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise ConfigError(f"run folder {run_dir} is in use by another aoe train process (PID {holder}); "
+                              "wait for it to finish or pick another train.run_name") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        import fcntl
+
+        if not self._file.closed:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+
+
+def _launch_rank() -> int:
+    """This process's rank, known before ``init_distributed`` (torchrun sets RANK)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log lines on stderr, written through the progress bar once there is one so it is not torn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress_bar = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = self.format(record)
+        if self.progress_bar is not None:
+            self.progress_bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _configure_logging(run_dir: Path) -> tuple[logging.Handler, _ConsoleHandler]:
     file_handler = logging.FileHandler(run_dir / "train.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     console = _ConsoleHandler()
@@ -270,31 +385,47 @@ class _Loop:
     # ----- checkpoint state -----
 
     def resume(self) -> bool:
-        checkpoint = find_checkpoint(self.run_dir)
+        """Load the newest good checkpoint; report it, and every rejected one, in the log.
+
+        A rejected checkpoint is renamed to NAME.rejected by the main process, so that this run
+        neither deletes it nor writes over it when it reaches the same step.
+        """
+        checkpoint, rejected = scan_checkpoints(self.run_dir)
+        self.parallel.barrier()  # every rank has chosen before rank 0 renames anything
+        for path, reason in rejected:
+            kept = set_aside(path).name if self.is_main else path.name
+            log.warning("rejected checkpoint: %s; kept the folder as %s", reason, kept)
         if checkpoint is None:
+            if rejected:
+                log.warning("NO GOOD CHECKPOINT in %s: rejected %s; training starts again from step 0 "
+                            "(the rejected folders are kept as *.rejected)", checkpoint_root(self.run_dir),
+                            ", ".join(path.name for path, _ in rejected))
             return False
-        state, tensors = load_any_checkpoint(checkpoint, self.parallel, self.optimizer)
-        assert state["micro_step"] == 0, "checkpoints are written between optimizer steps only"
-        self.step = state["step"]
-        self.tokens_seen = state["tokens_seen"]
-        self.wall_time_before = state["wall_time_s"]
-        self.last_loss = state.get("last_loss")
-        resume_loader(self.data.train_loader, state["loader"])
-        layers = self.config.model.n_layers
-        self.routing_total = routing_from_tensors("routing.total", tensors, layers, self.device)
-        self.routing_window = routing_from_tensors("routing.window", tensors, layers, self.device)
+        try:
+            state, tensors = load_any_checkpoint(checkpoint, self.parallel, self.optimizer)
+            self.step = state["step"]
+            self.tokens_seen = state["tokens_seen"]
+            self.wall_time_before = float(state.get("wall_time_s", 0.0))
+            self.last_loss = state.get("last_loss")
+            resume_loader(self.data.train_loader, state["loader"])
+            layers = self.config.model.n_layers
+            self.routing_total = routing_from_tensors("routing.total", tensors, layers, self.device)
+            self.routing_window = routing_from_tensors("routing.window", tensors, layers, self.device)
+        except (KeyError, TypeError, RuntimeError) as exc:
+            # Verification checked the files and their structure; what is left is a checkpoint
+            # that does not fit this model or loader. The model may be half loaded, so stop.
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"cannot resume from {checkpoint.path}: {first_line}") from None
+        if state["micro_step"] != 0:
+            raise CheckpointError(f"cannot resume from {checkpoint.path}: it was written inside an optimizer step")
         self.routing_history = [h for h in self._read_routing_history() if h["step"] <= self.step]
         log.info("resumed from %s (step %d, %s tokens seen)", checkpoint.path, self.step, f"{self.tokens_seen:,}")
         return True
 
     def _read_routing_history(self) -> list[dict[str, Any]]:
+        # prepare_run_dir checked the file's structure before any compute.
         path = self.run_dir / "routing.json"
-        if not path.is_file():
-            return []
-        try:
-            return json.loads(path.read_text()).get("train", [])
-        except json.JSONDecodeError:
-            return []
+        return json.loads(path.read_text())["train"] if path.is_file() else []
 
     def save(self, wall_time: float) -> None:
         state = {
@@ -369,6 +500,17 @@ def train(config: RunConfig, data: DataSources | None = None) -> RunResult:
     """
     if data is None:
         check_data(config)
+    run_dir = create_run_dir(config)
+    # Only the first rank locks: under torchrun every rank of one run shares the folder.
+    lock = RunLock(run_dir) if _launch_rank() == 0 else None
+    try:
+        return _train_locked(config, data)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config: RunConfig, data: DataSources | None) -> RunResult:
     run_dir, has_checkpoints = prepare_run_dir(config)
     # Under torchrun this joins the process group, and with CUDA picks cuda:LOCAL_RANK.
     context = init_distributed(config.parallel, resolve_device(config.train.device))
@@ -380,7 +522,9 @@ def train(config: RunConfig, data: DataSources | None = None) -> RunResult:
         torch.set_num_threads(config.train.num_threads)
     torch.use_deterministic_algorithms(config.train.deterministic, warn_only=True)
 
-    handlers = ()
+    # Only rank 0 reports and writes the run folder's files; the other ranks compute. Logging
+    # starts before resuming, so that the resume (or a rejected checkpoint) is reported.
+    handlers = _configure_logging(run_dir) if context.is_main else ()
     metrics_log = None
     bar = None
     try:
@@ -391,12 +535,11 @@ def train(config: RunConfig, data: DataSources | None = None) -> RunResult:
 
         from tqdm.auto import tqdm
 
-        # Only rank 0 reports and writes the run folder's files; the other ranks compute.
         bar = tqdm(total=config.schedule.max_steps, initial=loop.step,
                    disable=not (config.train.progress and context.is_main),
                    desc=config.name, unit="step", dynamic_ncols=True, file=sys.stderr)
-        if context.is_main:
-            handlers = _configure_logging(run_dir, bar if config.train.progress else None)
+        if handlers and config.train.progress:
+            handlers[1].progress_bar = bar
         metrics_log = MetricsLog(run_dir, loop.step, config.train.tensorboard, final_step=config.schedule.max_steps) if context.is_main else _NoMetricsLog()
         result = _run_loop(loop, metrics_log, bar)
         return result
@@ -432,6 +575,9 @@ def _run_loop(loop: _Loop, metrics_log: MetricsLog, bar) -> RunResult:
              loop.run_dir, f"{config.model.num_params():,}", f"{config.model.num_active_params():,}",
              flops_per_token, peak / 1e9, device, str(dtype).replace("torch.", ""))
 
+    if not loop.data.val_batches:
+        log.warning("validation is off (train.eval_batches=0 or an empty validation split): "
+                    "no val loss, and summary.json has val_loss null")
     start_time = time.perf_counter()
     window_time, window_tokens = 0.0, 0
     session_tokens, session_train_time = 0, 0.0
