@@ -173,3 +173,17 @@ def test_number_override_of_a_string_field_is_the_string():
 def test_config_error_is_value_error():
     with pytest.raises(ConfigError):
         load_run_config("tiny-moe", ["optim.lr=-1"])
+
+
+def test_presets_table_explains_active_count(capsys):
+    import argparse
+
+    from aoe.train import presets_cli
+
+    assert presets_cli.run(argparse.Namespace(json=False)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    dense = next(line.split() for line in lines if line.startswith("tiny-dense"))
+    # Tied embeddings: the head counts once in total, twice in active.
+    assert float(dense[3].rstrip("M")) > float(dense[2].rstrip("M"))
+    assert "counting the embedding and the output head separately" in lines[-2]
+    assert "tied" in lines[-1]

@@ -43,4 +43,13 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['name']:<24} {row['kind']:<6} {row['total_params'] / 1e6:>9.1f}M {row['active_params'] / 1e6:>9.1f}M "
               f"{row['train_flops_per_token']:>18.3e} {row['tokens_per_step']:>12,} {row['max_steps']:>7,}")
+    print()
+    print(ACTIVE_NOTE)
     return 0
+
+
+# The active count follows the paper's convention; without this line a tied model (tiny-dense)
+# reads as having more active than total parameters.
+ACTIVE_NOTE = ("active: parameters used per token, counting the embedding and the output head separately "
+               "(the paper's convention),\nso a model with tied embeddings (tiny-dense) shows more active "
+               "than total parameters; total counts a tied matrix once.")
