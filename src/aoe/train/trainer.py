@@ -392,11 +392,11 @@ class _Loop:
         """
         checkpoint, rejected = scan_checkpoints(self.run_dir)
         self.parallel.barrier()  # every rank has chosen before rank 0 renames anything
-        for path, reason in rejected:
-            kept = set_aside(path).name if self.is_main else path.name
-            log.warning("rejected checkpoint: %s; kept the folder as %s", reason, kept)
+        if self.is_main:
+            for path, reason in rejected:
+                log.warning("rejected checkpoint: %s; kept the folder as %s", reason, set_aside(path).name)
         if checkpoint is None:
-            if rejected:
+            if rejected and self.is_main:
                 log.warning("NO GOOD CHECKPOINT in %s: rejected %s; training starts again from step 0 "
                             "(the rejected folders are kept as *.rejected)", checkpoint_root(self.run_dir),
                             ", ".join(path.name for path, _ in rejected))
