@@ -365,7 +365,7 @@ def prepare_corpus(
     if not existing.is_dir():
         raise ValueError(f"output path {out} cannot be a folder because {existing} is a file; give another path for --out")
     if (out / "meta.json").exists() and not overwrite:
-        raise ValueError(f"output folder {out} already contains prepared data (meta.json); pass overwrite=True (--overwrite) to replace it")
+        raise ValueError(f"output folder {out} already contains prepared data (meta.json); pass --overwrite (overwrite=True in Python) to replace it")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
     # A missing tokenizer path should fail before the corpus is read.

@@ -116,8 +116,7 @@ def export_model(model: Transformer, out_dir: str | Path, tokenizer=None, overwr
     hf_model.config.architectures = ["AoEForCausalLM"]
     # Left-padded batched generation needs a pad id; EOS is the usual stand-in when there is none.
     hf_model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos,
-                                                  pad_token_id=pad if pad is not None else eos,
-                                                  max_length=model.config.max_seq_len)
+                                                  pad_token_id=pad if pad is not None else eos)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
