@@ -36,8 +36,8 @@ def check_choice(field: str, value: Any, choices: typing.Iterable[Any]) -> None:
 
 def _unknown_key_message(key: str, known: list[str], where: str) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown config key {where}{key!r}{hint} (known keys: {', '.join(sorted(known))})"
+    hint = f"; did you mean {where + close[0]!r}?" if close else ""
+    return f"unknown config key {where + key!r}{hint} (known keys in this section: {', '.join(sorted(known))})"
 
 
 def _resolve_hints(cls: type) -> dict[str, Any]:

@@ -155,3 +155,14 @@ def test_missing_model_errors(tmp_path, capsys):
     shutil.rmtree(run_dir / "checkpoints")
     with pytest.raises(ValueError, match=f"no good checkpoint in {run_dir}"):
         run_eval([str(run_dir), "--tasks", "none", "--perplexity"])
+
+
+def test_default_output_separates_task_sets():
+    from aoe.eval.cli import default_output
+
+    paper = default_output("runs/demo/aoe", True, "paper", None, False)
+    quick = default_output("runs/demo/aoe", True, "arc_easy, sst2", 5, True)
+    exported = default_output("hf/demo-aoe/", False, "mmlu,arc_challenge", None, False)
+    assert paper == Path("runs/demo/aoe/eval/paper")
+    assert quick == Path("runs/demo/aoe/eval/arc_easy+sst2-limit5-perplexity")
+    assert exported == Path("eval_results/demo-aoe/mmlu+arc_challenge")

@@ -43,13 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppl-batches", type=int, default=None,
                         help="with --perplexity: evaluate at most this many batches (default: the whole split)")
     parser.add_argument("--output", default=None,
-                        help="output folder (default: RUN/eval for a run folder, else eval_results/<name>)")
+                        help="output folder (default: RUN/eval/<tasks> for a run folder, else "
+                             "eval_results/<name>/<tasks>, so evaluations of other task sets are kept)")
 
 
-def default_output(model: str, is_run: bool) -> Path:
-    if is_run:
-        return Path(model) / "eval"
-    return Path("eval_results") / Path(model.rstrip("/")).name
+def default_output(model: str, is_run: bool, tasks_spec: str, limit: int | None, perplexity: bool) -> Path:
+    """Return a results folder named after the evaluation, so a later evaluation never replaces another's results."""
+    label = "+".join(part.strip().lower() for part in tasks_spec.split(",") if part.strip()) or "none"
+    if limit is not None:
+        label += f"-limit{limit}"
+    if perplexity:
+        label += "-perplexity"
+    base = Path(model) / "eval" if is_run else Path("eval_results") / Path(model.rstrip("/")).name
+    return base / label
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -116,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     from aoe.train.checkpoint import atomic_write_text
 
     check_device(args.device)
-    out_dir = Path(args.output) if args.output else default_output(args.model, is_run_dir(args.model))
+    out_dir = (Path(args.output) if args.output
+               else default_output(args.model, is_run_dir(args.model), args.tasks, args.limit, args.perplexity))
     check_output_dir(out_dir)
     tasks = [] if args.tasks.strip().lower() == "none" else suite.parse_tasks(args.tasks)
     if not tasks and not args.perplexity:
