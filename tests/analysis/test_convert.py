@@ -146,7 +146,7 @@ def test_convert_reads_training_run_folder(tmp_path):
     run_config = RunConfig(model=moe.config, data=DataConfig(seq_len=32))
     (run_dir / "config.json").write_text(json.dumps(run_config.to_dict()))
     optimizer = torch.optim.SGD(moe.parameters(), lr=0.1)
-    save_checkpoint(run_dir, 3, moe, optimizer, state={}, state_tensors={}, keep_last=1)
+    save_checkpoint(run_dir, 3, moe, optimizer, state={"micro_step": 0, "tokens_seen": 0, "loader": {}}, state_tensors={}, keep_last=1)
     out = convert(run_dir, tmp_path / "aoe", d_low=D_FFN)
     converted = load_aoe_folder(out)
     expected_state = moe_to_aoe(moe.config, moe.state_dict(), D_FFN)[1]
