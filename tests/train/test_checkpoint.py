@@ -206,3 +206,23 @@ def test_load_model_errors_name_the_problem(tmp_path):
         config_path.write_text(good_text)
     assert loaded_config == config
     assert torch.equal(loaded.layers[0].ffn.router.weight, model.layers[0].ffn.router.weight)
+
+
+def test_saved_weights_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    from aoe.train.checkpoint import apply_default_permissions
+
+    folder = tmp_path / "export"
+    folder.mkdir(mode=0o700)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"x")
+    weights.chmod(0o600)
+    previous = os.umask(0o022)
+    try:
+        apply_default_permissions(folder)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from aoe.config_utils import to_dict
 from aoe.model.config import AttentionConfig, FFNConfig, ModelConfig
-from aoe.train.checkpoint import atomic_write_text, unshared
+from aoe.train.checkpoint import apply_default_permissions, atomic_write_text, unshared
 
 Tensor = torch.Tensor
 
@@ -176,6 +176,7 @@ def save_model_folder(out: str | Path, config: ModelConfig, state: dict[str, Ten
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".model.safetensors.tmp-{os.getpid()}"
     save_file(unshared(state), str(tmp))
+    apply_default_permissions(tmp)
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, out / "model.safetensors")

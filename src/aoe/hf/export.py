@@ -23,6 +23,7 @@ from aoe.config_utils import to_dict
 from aoe.hf.convert import to_hf_model
 from aoe.hf.run_dir import load_run_model, run_tokenizer_path
 from aoe.model.decoder import Transformer
+from aoe.train.checkpoint import apply_default_permissions
 
 HF_DIR = Path(__file__).parent
 REMOTE_CODE_FILES = ("configuration_aoe.py", "modeling_aoe.py")
@@ -131,6 +132,7 @@ def export_model(model: Transformer, out_dir: str | Path, tokenizer=None, overwr
             tokenizer.save_pretrained(str(tmp))
         info = {"native_model_config": to_dict(model.config), **(provenance or {})}
         (tmp / EXPORT_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        apply_default_permissions(tmp)
         _fsync_tree(tmp)
         _replace_dir(tmp, out)
     finally:

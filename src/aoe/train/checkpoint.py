@@ -85,7 +85,21 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(unshared(tensors), str(path))
+    apply_default_permissions(path)
     _fsync_file(path)
+
+
+def apply_default_permissions(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything below it) the modes a plain open() would give.
+
+    safetensors and ``tempfile.mkdtemp`` create files 0600 and folders 0700, which would leave
+    weights that other users of a shared machine cannot read, unlike the JSON files beside them.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
