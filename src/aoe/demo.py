@@ -166,10 +166,11 @@ def write_demo_report(out_dir: Path, runs: dict[str, Path], data_meta: dict[str,
     from aoe.train.checkpoint import atomic_write_text
 
     summaries = {name: json.loads((run_dir / "summary.json").read_text()) for name, run_dir in runs.items()}
+    train_title = "training loss (moving average of 10 steps)"
     plot_loss_curves(
-        {"training loss (moving average of 10 steps)": {n: _training_curve(d) for n, d in runs.items()},
+        {train_title: {n: _training_curve(d) for n, d in runs.items()},
          "validation loss": {n: _validation_curve(d) for n, d in runs.items()}},
-        out_dir / "loss_curves.png", smooth=10, ylabel="cross-entropy (nats/token)")
+        out_dir / "loss_curves.png", smooth={train_title: 10}, ylabel="cross-entropy (nats/token)")
 
     table = comparison_table(summaries)
     moe, aoe = summaries.get("MoE"), summaries.get("AoE")
@@ -209,7 +210,8 @@ def write_demo_report(out_dir: Path, runs: dict[str, Path], data_meta: dict[str,
         *layer_table(summaries),
         "",
         f"Run folders: {', '.join(str(d) for d in runs.values())} (config.json, metrics.jsonl, tb/, "
-        f"report.md, checkpoints). Total demo time {seconds:.0f} s.",
+        f"report.md, checkpoints). This invocation of `aoe demo` took {seconds:.0f} s; a run reused from an "
+        "earlier invocation keeps its own wall time in the table.",
         "",
     ]
     path = out_dir / "report.md"

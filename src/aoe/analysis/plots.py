@@ -52,18 +52,23 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def plot_loss_curves(panels: dict[str, dict[str, Curve]], path: str | os.PathLike, smooth: int = 20,
+def plot_loss_curves(panels: dict[str, dict[str, Curve]], path: str | os.PathLike, smooth: int | dict[str, int] = 20,
                      ylabel: str = "training loss (cross-entropy)") -> Path:
-    """Draw one panel per key of ``panels``, each with one smoothed curve per label."""
+    """Draw one panel per key of ``panels``, each with one smoothed curve per label.
+
+    ``smooth`` is the moving-average window for every panel, or a window per panel title
+    (a title missing from the dict, or a window of 1, is drawn unsmoothed).
+    """
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), squeeze=False)
     for ax, (title, curves) in zip(axes[0], panels.items()):
+        window = smooth.get(title, 1) if isinstance(smooth, dict) else smooth
         for label, (steps, values) in curves.items():
-            ax.plot(list(steps), moving_average(list(values), smooth), label=label, linewidth=1.3)
+            ax.plot(list(steps), moving_average(list(values), window), label=label, linewidth=1.3)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        _zoom_to_tail(ax, curves, smooth)
+        _zoom_to_tail(ax, curves, window)
         ax.legend(fontsize=7)
     return save_figure(fig, path)
 
