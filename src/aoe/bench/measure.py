@@ -45,7 +45,13 @@ def current_rss_bytes() -> int:
 
 
 class PeakRSS:
-    """Context manager that records the peak RSS above the RSS at entry, in bytes."""
+    """Context manager that records the peak RSS above the RSS at entry, in bytes.
+
+    On Linux it resets the kernel's high-water mark (writing 5 to /proc/self/clear_refs) and
+    reads VmHWM at exit, which sees every peak however briefly it lasted. Elsewhere, or where
+    the reset is not allowed, a thread samples the RSS every ``interval_s`` seconds; that can
+    miss a short peak when other processes hold the cores.
+    """
 
     def __init__(self, interval_s: float = 0.0005):
         self.interval_s = interval_s
@@ -53,6 +59,7 @@ class PeakRSS:
         self.peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._kernel_peak = False
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -61,20 +68,45 @@ class PeakRSS:
 
     def __enter__(self) -> "PeakRSS":
         gc.collect()
+        self._kernel_peak = _reset_peak_rss()
         self.baseline = self.peak = current_rss_bytes()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        if not self._kernel_peak:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        self.peak = max(self.peak, current_rss_bytes())
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        kernel_peak = _kernel_peak_rss() if self._kernel_peak else None
+        self.peak = max(self.peak, current_rss_bytes(), kernel_peak or 0)
 
     @property
     def delta(self) -> int:
         return self.peak - self.baseline
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) on Linux; return whether it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return _kernel_peak_rss() is not None
+
+
+def _kernel_peak_rss() -> int | None:
+    """Return VmHWM from /proc/self/status in bytes, or None where it is not available."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 class PeakCUDA:

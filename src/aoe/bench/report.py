@@ -131,8 +131,9 @@ def render(results: Results, environment: dict[str, str], notes: list[str] | Non
         "`ModelConfig.train_flops_per_token` for models), times 3 for forward and backward. "
         "Utilisation divides achieved FLOP/s by the dense matmul peak of the same dtype, measured "
         "in the same group as the best of a square matmul with a plain and a transposed right operand.",
-        "- Memory: peak resident set size (RSS) above the RSS before the step, sampled every 0.5 ms "
-        "from /proc/self/statm, with glibc's mmap threshold pinned at 64 KiB so that freed tensors "
+        "- Memory: peak resident set size (RSS) above the RSS before the step, read from the kernel's "
+        "high-water mark (VmHWM, reset through /proc/self/clear_refs; sampled every 0.5 ms where that "
+        "is unavailable), with glibc's mmap threshold pinned at 64 KiB so that freed tensors "
         "leave RSS at once (no tracemalloc). Layer rows count activations and gradients; model rows "
         "count parameters, gradients, AdamW state and activations.",
         "- bf16 on a CPU without bf16 matrix units: our expert GEMMs multiply bf16 operands in fp32 "
