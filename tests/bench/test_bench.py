@@ -19,9 +19,13 @@ MIB = 1024**2
 def test_peak_rss_sees_a_64_mib_tensor():
     if not pin_malloc_mmap_threshold():
         pytest.skip("glibc mallopt is not available here, so freed memory may stay in RSS")
-    with PeakRSS() as meter:
-        buffer = torch.ones(64 * MIB // 4)
-        del buffer
+    # Up to three tries: under load from other processes the RSS sampler can miss the peak.
+    for _ in range(3):
+        with PeakRSS() as meter:
+            buffer = torch.ones(64 * MIB // 4)
+            del buffer
+        if 60 * MIB <= meter.delta:
+            break
     assert 60 * MIB <= meter.delta <= 72 * MIB
 
 
@@ -115,8 +119,13 @@ def test_model_peak_counts_training_state():
         pytest.skip("glibc mallopt is not available here, so freed memory may stay in RSS")
     plan = Plan.quick()
     plan.d_model, plan.d_ffn, plan.d_lows, plan.model_vocab = 128, 512, (32,), 512
-    results = Results(plan)
-    run_model_group(plan, "fp32", results)
-    for row in results.model["fp32"]:
+    # Up to three tries: under load from other processes the RSS sampler can miss the peak.
+    for _ in range(3):
+        results = Results(plan)
+        run_model_group(plan, "fp32", results)
+        rows = results.model["fp32"]
+        if all(row.peak_bytes >= 16 * row.extra["params"] for row in rows):
+            break
+    for row in rows:
         # fp32 parameters, their gradients and AdamW's two moments: at least 16 bytes per parameter
         assert row.peak_bytes >= 16 * row.extra["params"], row.name

@@ -47,10 +47,10 @@ def current_rss_bytes() -> int:
 class PeakRSS:
     """Context manager that records the peak RSS above the RSS at entry, in bytes.
 
-    On Linux it resets the kernel's high-water mark (writing 5 to /proc/self/clear_refs) and
-    reads VmHWM at exit, which sees every peak however briefly it lasted. Elsewhere, or where
-    the reset is not allowed, a thread samples the RSS every ``interval_s`` seconds; that can
-    miss a short peak when other processes hold the cores.
+    A thread samples the RSS every ``interval_s`` seconds, which can miss a short peak when
+    other processes hold the cores. On Linux the kernel's high-water mark (VmHWM, reset by
+    writing 5 to /proc/self/clear_refs) is read as well, and the larger of the two counts.
+    NOTE: the kernel updates VmHWM lazily, so neither source alone is exact.
     """
 
     def __init__(self, interval_s: float = 0.0005):
@@ -70,9 +70,8 @@ class PeakRSS:
         gc.collect()
         self._kernel_peak = _reset_peak_rss()
         self.baseline = self.peak = current_rss_bytes()
-        if not self._kernel_peak:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -90,6 +90,9 @@ def evaluate(results: Results) -> list[Verdict]:
     if rows:
         moe = _row(rows, "MoE")
         for row in rows[1:]:
+            if moe.peak_bytes <= 0:
+                # NOTE: a zero baseline means the memory meter saw no growth, so no ratio exists.
+                continue
             ratio = row.peak_bytes / moe.peak_bytes
             verdicts.append(Verdict(
                 f"{row.name} peak training memory / MoE's (whole model, fp32, AdamW)",
