@@ -495,7 +495,7 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, parallel: Parall
     full_model = parallel.full_state_dict()
     if parallel.context.is_main:
         rng_json, rng_tensors = ckpt.rng_state()
-        ckpt._save_tensors(tmp / ckpt.MODEL_FILE, _unshared(full_model))
+        ckpt._save_tensors(tmp / ckpt.MODEL_FILE, full_model)
         ckpt._save_tensors(tmp / ckpt.OPTIMIZER_TENSORS, {})
         ckpt._write_json(tmp / ckpt.OPTIMIZER_JSON, {"format": "dcp", "path": DCP_DIR,
                                                      "world_size": parallel.world_size, "mode": parallel.mode})
@@ -510,19 +510,6 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, parallel: Parall
         ckpt.prune_checkpoints(run_dir, keep_last)
     parallel.barrier()
     return final
-
-
-
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy tensors that share storage with an earlier one (a tied head), which safetensors rejects."""
-    result: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in tensors.items():
-        tensor = tensor.detach().contiguous().cpu()
-        key = tensor.untyped_storage().data_ptr()
-        result[name] = tensor.clone() if key in seen else tensor
-        seen.add(key)
-    return result
 
 
 def is_dcp_checkpoint(path: str | Path) -> bool:
