@@ -55,10 +55,13 @@ def test_round_trip_is_exact(tmp_path):
     fresh_optimizer = build_optimizer(fresh_model, config.optim)
     torch.manual_seed(99)
     checkpoint = find_checkpoint(tmp_path / "run")
-    assert checkpoint.step == 7 and checkpoint.path == path
+    assert checkpoint.step == 7
+    assert checkpoint.path == path
     state, tensors = load_checkpoint(checkpoint, fresh_model, fresh_optimizer)
 
-    assert state["step"] == 7 and state["loader"] == {"position": 7} and state["tokens_seen"] == 861
+    assert state["step"] == 7
+    assert state["loader"] == {"position": 7}
+    assert state["tokens_seen"] == 861
     assert torch.equal(tensors["extra"], torch.arange(3.0))
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh_model.state_dict().items()):
         assert torch.equal(a, b), name

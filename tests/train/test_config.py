@@ -24,8 +24,10 @@ def test_paper_presets_follow_the_recipe():
     for name in ("paper-732m-moe", "paper-732m-aoe-dlow256", "paper-4b-aoe"):
         config = run_preset(name)
         assert config.optim.betas == (0.9, 0.95)
-        assert config.optim.weight_decay == 0.1 and config.optim.grad_clip == 1.0
-        assert config.schedule.warmup_steps == 4800 and config.schedule.min_lr == 1.28e-5
+        assert config.optim.weight_decay == 0.1
+        assert config.optim.grad_clip == 1.0
+        assert config.schedule.warmup_steps == 4800
+        assert config.schedule.min_lr == 1.28e-5
         assert config.data.seq_len == 2048
         assert config.data.tokens_per_step == 4_194_304
         assert config.schedule.max_steps == PAPER_MAX_STEPS == 23_841
@@ -44,12 +46,16 @@ def test_every_preset_builds_and_round_trips():
 
 def test_overrides_and_yaml_file(tmp_path):
     config = load_run_config("tiny-aoe", ["model.ffn.top_k=1", "optim.lr=3e-4", "train.run_name=x"])
-    assert config.model.ffn.top_k == 1 and config.optim.lr == 3e-4 and config.run_dir.name == "x"
+    assert config.model.ffn.top_k == 1
+    assert config.optim.lr == 3e-4
+    assert config.run_dir.name == "x"
     path = tmp_path / "run.yaml"
     path.write_text("preset: tiny-moe\nname: mine\noptim:\n  lr: 0.002\nschedule:\n  max_steps: 50\n")
     config = load_run_config(str(path), ["schedule.warmup_steps=5"])
-    assert config.name == "mine" and config.optim.lr == 0.002
-    assert config.schedule.max_steps == 50 and config.schedule.warmup_steps == 5
+    assert config.name == "mine"
+    assert config.optim.lr == 0.002
+    assert config.schedule.max_steps == 50
+    assert config.schedule.warmup_steps == 5
     assert config.model == run_preset("tiny-moe").model
     json_path = tmp_path / "run.json"
     json_path.write_text(json.dumps(config.to_dict()))
@@ -167,7 +173,9 @@ def test_bad_case_table_is_large():
 
 def test_number_override_of_a_string_field_is_the_string():
     config = load_run_config("tiny-moe", ["train.run_name=123", "data.path=1e3", "train.num_threads=null"])
-    assert config.train.run_name == "123" and config.data.path == "1e3" and config.train.num_threads is None
+    assert config.train.run_name == "123"
+    assert config.data.path == "1e3"
+    assert config.train.num_threads is None
 
 
 def test_config_error_is_value_error():

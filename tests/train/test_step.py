@@ -114,13 +114,15 @@ def test_weight_decay_groups(tmp_path):
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     kept = {names[id(p)] for p in no_decay["params"]}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == 0.1
+    assert no_decay["weight_decay"] == 0.0
     assert "layers.0.ffn.router.weight" in decayed
     assert "layers.0.attn.wq.weight" in decayed
     assert "layers.1.ffn.experts.w_out" in decayed
     # The tied head is the embedding table and is not decayed.
     assert "embed.weight" in kept
-    assert "layers.0.attn_norm.weight" in kept and "norm.weight" in kept
+    assert "layers.0.attn_norm.weight" in kept
+    assert "norm.weight" in kept
     assert len(decayed) + len(kept) == len(list(model.parameters()))
 
 

@@ -40,7 +40,7 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class RoutingOutput:
-    """What a sparse layer returns beside its output."""
+    """The auxiliary losses and routing statistics a sparse layer returns beside its output."""
 
     aux_loss: Tensor  # shape: () coefficient-weighted sum of this layer's auxiliary losses
     load_balancing_loss: Tensor  # shape: () L_aux / alpha, detached, for logging
@@ -163,7 +163,7 @@ class AoE(SparseFFN):
 
     def scores(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         # The cache is computed in fp32 so that the norms, and hence the selection, match an
-        # fp32 run exactly; the selected rows are cast back to the compute dtype afterwards.
+        # fp32 run exactly. The selected rows are cast back to the compute dtype afterwards.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             # shape: (T, E, L)
             cache_TEL = x_TD.float() @ self.experts.w_gate_down.float().reshape(self.d_model, -1)

@@ -15,14 +15,14 @@ PAPER_D_LOWS = (64, 128, 256, 512)
 
 
 def paper_732m(kind: str = "moe", d_low: int | None = None, **ffn_changes) -> ModelConfig:
-    """The paper's small model: 12 layers, d_model 768, 8 experts top-2, MoE expert width 3072."""
+    """Return the paper's small model: 12 layers, d_model 768, 8 experts top-2, MoE expert width 3072."""
     ffn = FFNConfig(kind=kind, d_ffn=3072, n_experts=8, top_k=2, d_low=d_low, **ffn_changes)
     return ModelConfig(vocab_size=32000, d_model=768, n_layers=12, max_seq_len=2048,
                        attention=AttentionConfig(n_heads=12), ffn=ffn, tie_embeddings=True)
 
 
 def paper_4b(kind: str = "moe", **ffn_changes) -> ModelConfig:
-    """The paper's scale-up: 24 layers, d_model 1280, 20 heads; AoE uses d_low 400 and d_wide 6470.
+    """Return the paper's scale-up: 24 layers, d_model 1280, 20 heads; AoE uses d_low 400 and d_wide 6470.
 
     The paper does not say how it counts the 4B total. Untied embeddings give 4.014B total and
     1.183B active (the stated 4B/1.18B within 0.4%); tied ones would give 3.973B (-0.7%).
@@ -35,7 +35,7 @@ def paper_4b(kind: str = "moe", **ffn_changes) -> ModelConfig:
 
 
 def tiny(kind: str = "moe", vocab_size: int = 8192, d_low: int | None = None, **ffn_changes) -> ModelConfig:
-    """A CPU-scale model: 4 layers, d_model 256, 8 experts top-2, MoE expert width 512."""
+    """Return a CPU-scale model: 4 layers, d_model 256, 8 experts top-2, MoE expert width 512."""
     if kind == "aoe" and d_low is None:
         d_low = 86  # about d_model / 3, the paper's best ratio
     ffn = FFNConfig(kind=kind, d_ffn=512, n_experts=8, top_k=2, d_low=d_low, **ffn_changes)

@@ -106,7 +106,9 @@ def merge_routing(total: RoutingSums | None, new: RoutingSums) -> RoutingSums:
 
 
 def routing_summary(stats: RoutingSums | None) -> list[dict[str, Any] | None]:
-    return [] if stats is None else [None if s is None else s.summary() for s in stats]
+    if stats is None:
+        return []
+    return [None if layer is None else layer.summary() for layer in stats]
 
 
 def routing_to_tensors(prefix: str, stats: RoutingSums | None) -> dict[str, torch.Tensor]:
